@@ -1,0 +1,113 @@
+"""Every config key ov3 knows, with its default, and the checks run before anything compiles.
+
+Config files in `configs/` start from `base_config()` and change values; a key that is not
+here is a typo and stops the run with the closest known key named.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+from ov3.errors import Ov3Error
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "ov3"              # "ov3": the joint objective; "vae": fit the AutoencoderKL itself
+    c.seed = 0
+    c.image_size = 128
+    c.batch_size = 8192         # global, across all processes and devices
+    c.total_steps = 1000
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.nonfinite = "stop"        # "stop": end the run at a non-finite loss/grad; "skip": drop that update
+    c.recon_grid_every = 0      # write a PNG grid of held-out reconstructions every N steps (0: at the end)
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.model = ml_collections.ConfigDict(dict(
+        encoder="B/2", decoder="B/1", text="B",
+        noise_tau=0.8,          # sigma ~ U[0, tau] per example on z_u (the RAE paper's 0.8)
+        posemb="sincos",        # "sincos" fixed, or "learn"
+        remat="none",           # "none" | "full" | "dots"
+        dtype="float32",        # compute dtype; params stay float32
+    ))
+
+    c.vae = ml_collections.ConfigDict(dict(
+        path="",                # diffusers folder (config.json + safetensors) or FLUX ae.safetensors
+        latent_norm="scale",    # "scale": mean*scaling_factor (released OV3); "scale_shift"
+        dtype="float32",
+        remat_decoder=False,
+    ))
+
+    c.loss = ml_collections.ConfigDict(dict(
+        beta=0.4, alpha=1.0, w_rec=0.5, w_und=1.0,
+        lpips=0.0,              # lambda; > 0 needs lpips.vgg_path
+        kl=1e-6,                # task="vae" only: KL weight
+    ))
+    c.lpips = ml_collections.ConfigDict(dict(vgg_path="", heads_path=""))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        base_lr=8e-6,           # lr = base_lr * batch_size / 256
+        warmup_steps=100,
+        b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.2,
+        grad_clip=1.0,
+        mu_dtype="bfloat16",    # OpenVision keeps Adam's first moment in bf16
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="arrayrecord",
+        path="",
+        tokenizer="",           # default: <data.path>/tokenizer.json
+        text_key="alt_text",
+        caption_key="caption",
+        text_len=80,
+        caption_len=128,
+        augment="rrc",
+        worker_count=0,
+        eval_split="heldout",
+    ))
+    c.evals = ml_collections.ConfigDict()
+    return c
+
+
+def _unknown_keys(cfg: Any, ref: Any, prefix: str = "") -> list[str]:
+    errors = []
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in ref:
+            close = difflib.get_close_matches(key, list(ref.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            errors.append(f"unknown config key {path!r}{hint}")
+        elif isinstance(ref[key], ml_collections.ConfigDict) and len(ref[key]) and isinstance(
+                cfg[key], ml_collections.ConfigDict):
+            errors.extend(_unknown_keys(cfg[key], ref[key], path + "."))
+    return errors
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Checks that need no devices: key names, enumerations, shapes. Raises Ov3Error."""
+    errors = _unknown_keys(cfg, base_config())
+    choices = {"task": ("ov3", "vae"), "nonfinite": ("stop", "skip"),
+               "model.posemb": ("sincos", "learn"), "model.remat": ("none", "full", "dots"),
+               "model.dtype": ("float32", "bfloat16"), "vae.dtype": ("float32", "bfloat16"),
+               "vae.latent_norm": ("scale", "scale_shift"), "optim.mu_dtype": ("float32", "bfloat16")}
+    for key, allowed in choices.items():
+        value = cfg
+        for part in key.split("."):
+            value = value.get(part) if value is not None else None
+        if value is not None and value not in allowed:
+            errors.append(f"config.{key}={value!r} must be one of {allowed}")
+    if cfg.image_size % 16:
+        errors.append(f"config.image_size={cfg.image_size} must be divisible by 16 "
+                      "(VAE x8, then ViT patch 2); e.g. 128, 224 or 256")
+    for key in ("batch_size", "total_steps", "log_every", "checkpoint_every"):
+        if int(cfg[key]) <= 0:
+            errors.append(f"config.{key}={cfg[key]} must be positive")
+    if errors:
+        raise Ov3Error("invalid config:\n  " + "\n  ".join(errors))

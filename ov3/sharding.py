@@ -1,0 +1,130 @@
+"""The device mesh and the one table that maps logical axis names onto it.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer
+state sharded along their `embed` dimension), `tensor` (heads / MLP / vocab split). The batch
+is sharded over `data` and `fsdp` together. Nothing outside this file names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ov3.errors import Ov3Error
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or axes, or None = replicated). Params use the plain names,
+# activations the `act_*` names.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("norm", None),
+    ("act_batch", BATCH_AXES),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+)
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor) from `config.mesh`; one of them may be -1 (fill)."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+    if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise Ov3Error(f"config.mesh {dict(zip(MESH_AXES, sizes))}: give positive sizes, at most one -1 (fill).")
+    known = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if num_devices % known:
+            raise Ov3Error(f"config.mesh: {num_devices} devices cannot be split into the fixed axes "
+                           f"{dict(zip(MESH_AXES, sizes))} (product {known} does not divide {num_devices}).")
+        sizes[MESH_AXES.index(fill[0])] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise Ov3Error(f"config.mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} slots but there are "
+                       f"{num_devices} devices; set one axis to -1 to fill.")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mesh_cfg, len(devices))
+    try:  # topology-aware placement on TPU/GPU; plain reshape where it has no opinion
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch(global_batch: int, mesh: Mesh, key: str = "batch_size") -> None:
+    n = batch_parallelism(mesh)
+    procs = jax.process_count()
+    if global_batch % n:
+        raise Ov3Error(f"config.{key}={global_batch} is not divisible by the batch-parallel mesh size "
+                       f"data*fsdp={n} (mesh {dict(mesh.shape)}); use a multiple of {n}.")
+    if global_batch % procs:
+        raise Ov3Error(f"config.{key}={global_batch} is not divisible by the {procs} processes.")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop mesh axes from dims they do not divide (tiny or odd-sized params stay replicated
+    on that dim instead of failing to compile)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        ok = dim % math.prod(mesh.shape[a] for a in names) == 0 if names else True
+        out.append(axes if ok else None)
+    return P(*out)
+
+
+def shardings_from_logical(abstract_boxed: Any, mesh: Mesh) -> Any:
+    """Boxed (logically annotated) abstract pytree -> unboxed pytree of NamedSharding."""
+    logical = nn.get_partition_spec(abstract_boxed)
+    unboxed = nn.meta.unbox(abstract_boxed)
+
+    def one(spec: P, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
+        mesh_spec = nn.logical_to_mesh_axes(spec, RULES) if len(spec) else P()
+        return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh))
+
+    return jax.tree.map(one, logical, unboxed, is_leaf=lambda x: isinstance(x, P))
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None, timeout_s: int = 300) -> None:
+    """`jax.distributed.initialize` when this is one of several processes (env or arguments);
+    on TPU pods and SLURM JAX discovers the coordinator itself."""
+    import os
+    multi = num_processes is not None or any(
+        k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"))
+    if not multi or jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - surface the address instead of a deep gRPC error
+        addr = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "<auto-detected>")
+        raise Ov3Error(f"could not join the JAX coordinator at {addr} within {timeout_s}s ({e}). "
+                       "Check that process 0 is running and the address/port is reachable.") from e

@@ -1,0 +1,30 @@
+"""ov3: OpenVision 3-style unified vision encoder pretraining in JAX/Flax."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+CORE = [line.strip() for line in (HERE / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")]
+
+EXTRAS = {
+    # Parity tests against the real PyTorch libraries (CPU torch wheel; no torchvision needed).
+    "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "diffusers>=0.30", "transformers>=4.45",
+             "scikit-image>=0.22", "scipy>=1.11"],
+    # Building TFDS datasets and clu's metric writers need TensorFlow (~1.3 GB): opt in.
+    "tf": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
+}
+
+setup(
+    name="ov3",
+    version="0.1.0",
+    description="OpenVision 3-style unified vision encoders: pretraining in JAX/Flax, export to PyTorch.",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ov3", "ov3.*"]),
+    package_data={"ov3": ["assets/**/*", "evals/*.txt", "evals/*.json"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
