@@ -109,5 +109,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("batch_size", "total_steps", "log_every", "checkpoint_every"):
         if int(cfg[key]) <= 0:
             errors.append(f"config.{key}={cfg[key]} must be positive")
+    if cfg.task == "ov3":
+        from ov3.models import registry
+        for key, lookup in (("encoder", registry.vit_size), ("decoder", registry.vit_size),
+                            ("text", registry.text_size)):
+            try:
+                lookup(cfg.model[key], f"model.{key}")
+            except Ov3Error as e:
+                errors.append(str(e))
     if errors:
         raise Ov3Error("invalid config:\n  " + "\n  ".join(errors))

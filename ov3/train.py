@@ -1,0 +1,316 @@
+"""The train state, the one jitted step and the loop.
+
+    state, metrics = step(state, frozen, batch)
+
+`state` (step, trainable params, optimizer state) is sharded by the logical-axis rules and
+donated; `frozen` (VAE, LPIPS) is replicated, never differentiated, never in the optimizer;
+`batch` is sharded over the batch axes. Every loss term is reduced over the global batch
+inside this one program.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ov3 import checkpoint as ckpt_lib
+from ov3 import config as config_lib
+from ov3 import metrics as metrics_lib
+from ov3 import sharding
+from ov3.errors import Ov3Error
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to base_lr * batch / 256, then cosine to zero at total_steps."""
+    peak = cfg.optim.base_lr * cfg.batch_size / 256
+    warmup = min(cfg.optim.warmup_steps, cfg.total_steps - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), cfg.total_steps, end_value=0.0)
+
+
+def decays(path: tuple, _: Any) -> bool:
+    """Weight decay on matmul/conv kernels only: not on norms, biases, embeddings, positions,
+    the class token or the temperature."""
+    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] in ("kernel", "qkv_kernel", "out_kernel")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = cfg.optim
+    return optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(learning_rate(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mu_dtype=DTYPES[o.mu_dtype],
+                    mask=lambda params: jax.tree_util.tree_map_with_path(decays, params)),
+    )
+
+
+# ----------------------------------------------------------------------------- step
+
+class Trainer:
+    """Builds the sharded init and step functions for a task on a mesh."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: Any):
+        self.cfg, self.mesh, self.task = cfg, mesh, task
+        self.tx = make_optimizer(cfg)
+        self.schedule = learning_rate(cfg)
+
+        def boxed_state(rng: jax.Array) -> TrainState:
+            params = task.init(rng)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+        self._boxed_state = boxed_state
+        with self.context():
+            abstract = jax.eval_shape(boxed_state, jax.random.key(cfg.seed))
+        self.state_shardings = sharding.shardings_from_logical(abstract, mesh)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            nn.meta.unbox(abstract), self.state_shardings)
+        self.frozen_shardings = None
+        self._step = jax.jit(self._train_step, donate_argnums=(0,),
+                             out_shardings=(self.state_shardings, sharding.replicated(mesh)))
+
+    def context(self):
+        """Mesh + logical rules: what `nn.with_logical_constraint` inside the models reads."""
+        import contextlib
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(sharding.RULES))
+        return stack
+
+    def init_state(self) -> TrainState:
+        with self.context():
+            return jax.jit(lambda r: nn.meta.unbox(self._boxed_state(r)),
+                           out_shardings=self.state_shardings)(jax.random.key(self.cfg.seed))
+
+    def put_frozen(self, frozen: Any) -> Any:
+        return jax.device_put(frozen, sharding.replicated(self.mesh))
+
+    def _train_step(self, state: TrainState, frozen: Any, batch: dict[str, jax.Array]
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        # Randomness is a function of (seed, step) only, so a resumed run draws the same noise.
+        rng = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
+        (loss, terms), grads = jax.value_and_grad(self.task.loss, has_aux=True)(
+            state.params, frozen, batch, rng)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves params and optimizer untouched ("stop" ends the run after
+        # it, "skip" goes on): the state never holds a NaN, so neither does any checkpoint.
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+                               opt_state=jax.tree.map(keep, opt_state, state.opt_state))
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": self.schedule(state.step),
+                   "finite": finite}
+        return new_state, metrics
+
+    def step(self, state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
+        with self.context():
+            return self._step(state, frozen, batch)
+
+    def compile(self, state: TrainState, frozen: Any, batch: dict[str, jax.Array]) -> Any:
+        """AOT-compile the step (before step 1) and return the compiled executable."""
+        with self.context():
+            return self._step.lower(state, frozen, batch).compile()
+
+
+# ----------------------------------------------------------------------------- loop
+
+def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+    """Create DIR and prove it is writable before anything is compiled."""
+    path = pathlib.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{jax.process_index()}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise Ov3Error(f"workdir {path} is not writable ({e.strerror}); pick another --workdir "
+                       "or free space there.") from e
+    return path
+
+
+def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """(task, tokenizer or None) for `config.task`."""
+    from ov3 import tasks
+    from ov3.models import vae as vae_lib
+    if not cfg.vae.path:
+        raise Ov3Error("config.vae.path is empty: point it at a diffusers AutoencoderKL folder "
+                       "(config.json + diffusion_pytorch_model.safetensors) or FLUX's ae.safetensors.")
+    if cfg.task == "vae":
+        vae = vae_lib.from_pretrained_or_config(cfg.vae.path, dtype=DTYPES[cfg.vae.dtype],
+                                                latent_norm=cfg.vae.latent_norm, seed=cfg.seed)
+        return tasks.VAETask(cfg, vae=vae), None
+    from ov3.data.tokenizer import Tokenizer
+    vae = vae_lib.from_pretrained(cfg.vae.path, dtype=DTYPES[cfg.vae.dtype], latent_norm=cfg.vae.latent_norm,
+                                  remat_decoder=cfg.vae.remat_decoder)
+    tokenizer = Tokenizer.from_file(tokenizer_path(cfg))
+    task = tasks.OV3Task(cfg, vae=vae, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    return task, tokenizer
+
+
+def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
+    return cfg.data.tokenizer or str(pathlib.Path(cfg.data.path) / "tokenizer.json")
+
+
+class StopSignal:
+    """SIGTERM/SIGINT -> finish the current step, save, exit cleanly (preemption)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every process as soon as any process got the signal."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
+    if jax.process_index() != 0:
+        return
+    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer_path(cfg), workdir / "tokenizer.json")
+
+
+def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, images: jax.Array,
+                              workdir: pathlib.Path, writer: metrics_lib.MetricWriter, step: int) -> pathlib.Path:
+    """Held-out originals (top row) over their reconstructions (bottom row), as a PNG in DIR."""
+    from PIL import Image
+    with trainer.context():
+        recon = jax.jit(trainer.task.reconstruct)(state.params, frozen, images)
+    grid = metrics_lib.image_grid([np.asarray(jax.device_get(images)), np.asarray(jax.device_get(recon))])
+    path = workdir / f"reconstructions_{step:06d}.png"
+    if jax.process_index() == 0:
+        Image.fromarray(grid).save(path)
+        writer.image(step, "reconstructions", grid)
+    return path
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+    """Run (or resume) training in `workdir`; returns the last logged metrics."""
+    from ov3.data import pipeline
+    config_lib.validate(cfg)
+    workdir = prepare_workdir(workdir)
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(cfg.batch_size, mesh)
+    task, tokenizer = build_task(cfg)
+    trainer = Trainer(cfg, mesh, task)
+    data = pipeline.make_iterator(cfg.data, mesh=mesh, global_batch_size=cfg.batch_size,
+                                  image_size=cfg.image_size, split="train", train=True, seed=cfg.seed,
+                                  tokenizer=tokenizer)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
+    save_config(cfg, workdir, tokenizer)
+
+    start = checkpointer.latest_step()
+    if start is None:
+        state, start = trainer.init_state(), 0
+    else:
+        state = checkpointer.restore(start, trainer.abstract_state, data)
+        print(f"resumed from {checkpointer.directory / str(start)}", flush=True)
+    frozen = trainer.put_frozen(task.frozen_params())
+    writer = metrics_lib.MetricWriter(workdir)
+    stop = StopSignal()
+
+    batch = next(data)
+    t_compile = time.time()
+    compiled = trainer.compile(state, frozen, batch)
+    print(f"compiled the train step in {time.time() - t_compile:.1f}s; "
+          f"memory per device: {describe_memory(compiled)}", flush=True)
+
+    progress = metrics_lib.Progress(cfg.total_steps, start)
+    last_logged: dict[str, float] = {}
+    pending = None  # metrics of the previous step, checked one step late to keep dispatch async
+    window_start, window_steps = time.time(), 0
+    step = start
+    while step < cfg.total_steps:
+        with trainer.context():
+            state, metrics = compiled(state, frozen, batch)
+        step += 1
+        window_steps += 1
+        if pending is not None:
+            check_finite(pending, step - 1, cfg.nonfinite)
+        pending = metrics
+        if step % cfg.log_every == 0 or step == cfg.total_steps:
+            check_finite(metrics, step, cfg.nonfinite)
+            values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+            elapsed = time.time() - window_start
+            values["step_time_s"] = elapsed / window_steps
+            values["images_per_s"] = cfg.batch_size * window_steps / elapsed
+            values.update({f"data/skipped/{k}": v for k, v in data.stats().items()})
+            writer.scalars(step, values)
+            if jax.process_index() == 0:
+                print(progress.line(step, values, values["images_per_s"]), flush=True)
+            last_logged = values
+            window_start, window_steps = time.time(), 0
+        preempted = stop.agreed()
+        # Save before fetching the next batch: the saved data position is the batch of step+1.
+        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted:
+            checkpointer.save(step, state, data, force=True)
+        if preempted:
+            print(f"stop requested: saved step {step}, exiting", flush=True)
+            break
+        if step < cfg.total_steps:
+            batch = next(data)
+    checkpointer.wait()
+    if step == cfg.total_steps:
+        held_out = next(pipeline.make_iterator(cfg.data, mesh=mesh, global_batch_size=cfg.batch_size,
+                                               image_size=cfg.image_size, split=cfg.data.eval_split,
+                                               train=False, seed=cfg.seed, tokenizer=tokenizer))
+        images = held_out["image"][:8]
+        path = write_reconstruction_grid(trainer, state, frozen, images, workdir, writer, step)
+        print(f"wrote {path}", flush=True)
+    checkpointer.close()
+    writer.close()
+    return last_logged
+
+
+def check_finite(metrics: dict[str, jax.Array], step: int, mode: str) -> None:
+    if mode == "skip" or bool(metrics["finite"]):
+        return
+    terms = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+    raise Ov3Error(f"non-finite loss or gradient at step {step}: {shown}. The update was not applied; the "
+                   "last checkpoint is intact. Lower optim.base_lr, check the data, or set nonfinite='skip'.")
+
+
+def describe_memory(compiled: Any) -> str:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return "not reported by this backend"
+    if m is None:
+        return "not reported by this backend"
+    gib = 2 ** 30
+    return (f"arguments {m.argument_size_in_bytes / gib:.3f} GiB, outputs {m.output_size_in_bytes / gib:.3f} GiB, "
+            f"temporaries {m.temp_size_in_bytes / gib:.3f} GiB, code {m.generated_code_size_in_bytes / gib:.3f} GiB")
