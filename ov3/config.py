@@ -60,18 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
         mu_dtype="bfloat16",    # OpenVision keeps Adam's first moment in bf16
     ))
 
-    c.data = ml_collections.ConfigDict(dict(
-        source="arrayrecord",
-        path="",
-        tokenizer="",           # default: <data.path>/tokenizer.json
-        text_key="alt_text",
-        caption_key="caption",
-        text_len=80,
-        caption_len=128,
-        augment="rrc",
-        worker_count=0,
-        eval_split="heldout",
-    ))
+    from ov3.data.pipeline import default_config as data_defaults
+    c.data = data_defaults()
     c.evals = ml_collections.ConfigDict()
     return c
 

@@ -6,6 +6,8 @@ frozen, and the loss. `ov3/train.py` is the same loop and the same jitted step f
 
 from __future__ import annotations
 
+import dataclasses
+import pathlib
 from typing import Any
 
 import jax
@@ -45,7 +47,7 @@ class OV3Task:
                                           latent_channels=vae.config.latent_channels)
         self.model = OV3Model(self.spec)
         self.lpips = load_lpips(cfg)
-        self.latent_size = cfg.image_size // vae.downsample_factor
+        self.latent_size = cfg.image_size // vae.config.downsample_factor
 
     def frozen_params(self) -> dict[str, Any]:
         frozen = {"vae": self.vae.params}
@@ -121,7 +123,7 @@ class VAETask:
         x = batch["image"]
         mean, logvar = self.vae.posterior(params, x)
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-        x_hat = self.vae.decode_raw(params, z)
+        x_hat = self.vae.decode_raw_fn(params, z)
         terms = {"loss/rec_pixel_l1": losses.l1(x, x_hat), "loss/kl": losses.kl_to_standard_normal(mean, logvar)}
         total = terms["loss/rec_pixel_l1"] + self.cfg.loss.kl * terms["loss/kl"]
         if self.lpips is not None:
@@ -131,4 +133,13 @@ class VAETask:
 
     def reconstruct(self, params: Any, frozen: dict[str, Any], images: jax.Array) -> jax.Array:
         mean, _ = self.vae.posterior(params, images)
-        return self.vae.decode_raw(params, mean)
+        return self.vae.decode_raw_fn(params, mean)
+
+    def save_vae(self, params: Any, images: jax.Array, out_dir: pathlib.Path) -> pathlib.Path:
+        """Write the fitted VAE in diffusers layout (loadable by diffusers and `vae.from_pretrained`),
+        with `scaling_factor` = 1 / std of the posterior means on `images`, the same recipe that
+        gave SD its 0.18215, so the ViT sees unit-variance latents."""
+        mean, _ = self.vae.posterior(params, images)
+        config = dataclasses.replace(self.vae.config, scaling_factor=float(1.0 / jnp.std(mean)))
+        vae_lib.save_pretrained(vae_lib.VAE(self.vae.module, jax.device_get(params), config), out_dir)
+        return out_dir

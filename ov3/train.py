@@ -10,6 +10,7 @@ inside this one program.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import signal
@@ -159,13 +160,18 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
     if not cfg.vae.path:
         raise Ov3Error("config.vae.path is empty: point it at a diffusers AutoencoderKL folder "
                        "(config.json + diffusion_pytorch_model.safetensors) or FLUX's ae.safetensors.")
+    dtype = DTYPES[cfg.vae.dtype]
     if cfg.task == "vae":
-        vae = vae_lib.from_pretrained_or_config(cfg.vae.path, dtype=DTYPES[cfg.vae.dtype],
-                                                latent_norm=cfg.vae.latent_norm, seed=cfg.seed)
+        folder = pathlib.Path(cfg.vae.path)
+        if (folder / "config.json").is_file() and not (folder / vae_lib.WEIGHTS_NAME).is_file():
+            # An architecture without weights: train it from random init.
+            vae = vae_lib.init_random(json.loads((folder / "config.json").read_text()), cfg.seed, dtype=dtype,
+                                      latent_norm=cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
+        else:
+            vae = vae_lib.from_pretrained(folder, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
         return tasks.VAETask(cfg, vae=vae), None
     from ov3.data.tokenizer import Tokenizer
-    vae = vae_lib.from_pretrained(cfg.vae.path, dtype=DTYPES[cfg.vae.dtype], latent_norm=cfg.vae.latent_norm,
-                                  remat_decoder=cfg.vae.remat_decoder)
+    vae = vae_lib.from_pretrained(cfg.vae.path, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
     tokenizer = Tokenizer.from_file(tokenizer_path(cfg))
     task = tasks.OV3Task(cfg, vae=vae, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
     return task, tokenizer
@@ -248,7 +254,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     print(f"compiled the train step in {time.time() - t_compile:.1f}s; "
           f"memory per device: {describe_memory(compiled)}", flush=True)
 
-    progress = metrics_lib.Progress(cfg.total_steps, start)
+    progress = metrics_lib.Progress(cfg.total_steps, start)  # after compiling: the ETA counts steps only
     last_logged: dict[str, float] = {}
     pending = None  # metrics of the previous step, checked one step late to keep dispatch async
     window_start, window_steps = time.time(), 0
@@ -290,6 +296,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
         images = held_out["image"][:8]
         path = write_reconstruction_grid(trainer, state, frozen, images, workdir, writer, step)
         print(f"wrote {path}", flush=True)
+        if cfg.task == "vae" and jax.process_index() == 0:
+            print(f"wrote the fitted VAE to {task.save_vae(state.params, held_out['image'], workdir / 'vae')}")
     checkpointer.close()
     writer.close()
     return last_logged

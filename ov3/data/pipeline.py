@@ -1,0 +1,363 @@
+"""The input pipeline (grain): ArrayRecord shards → global jax.Array batches.
+
+    it = make_iterator(config.data, mesh=mesh, global_batch_size=8192, image_size=128,
+                       split="train", train=True, seed=config.seed)
+    batch = next(it)  # {"image": f32[B,H,W,3] in [-1,1], "text": i32[B,text_len],
+                      #  "caption": i32[B,caption_len]}  (+ "mask": bool[B] if not train)
+    state = it.get_state()   # JSON-serialisable; it.set_state(state) resumes exactly
+    it.stats()               # {"bad_record": 0, "corrupt_image": 2, ...} skipped so far
+
+`config.data` keys (`default_config()` has them all), default in brackets:
+  source        [arrayrecord] the only one so far: a folder written by ov3.data.records
+  path          [""] the dataset folder (required)
+  tokenizer     [""] a vocab.txt or tokenizer.json; "" means <path>/tokenizer.json
+  text_key      [alt_text] record field for the contrastive text tower
+  caption_key   [caption] record field the caption decoder learns to write; for data
+                with a single text, set both keys to it
+  text_len      [80] tokens per `text` row, BOS and EOS included (OpenVision's value)
+  caption_len   [128] tokens per `caption` row
+  augment       [rrc] training crop: "rrc" (random resized crop, like OpenVision's
+                inception_crop) or "center_crop"; eval always centre-crops
+  rrc_area      [(0.4, 1.0)] crop area as a fraction of the image (area_min=40)
+  rrc_ratio     [(3/4, 4/3)] crop aspect ratio range
+  num_epochs    [None] training passes; None repeats forever
+  worker_count  [0] grain worker processes; 0 decodes in this process. Programs using
+                workers need an `if __name__ == "__main__":` guard (spawned workers)
+  read_threads  [8] threads per process (or per worker) reading and decoding
+  prefetch      [256] examples buffered ahead per process
+  max_pixels    [64 Mi] images with more pixels are skipped (decompression bombs)
+  min_side      [8] images with a shorter side are skipped
+  train_split, eval_split  [train, heldout] split names, for the train loop to pass
+
+What happens, in order:
+  1. train: shuffle the whole split with `seed` (a new permutation every epoch) and
+     repeat; eval: file order, one pass.
+  2. decode + crop + tokenise each example, its crop RNG seeded by (seed, position in
+     that global stream) — so the result depends neither on the worker count nor on
+     the process count. JPEGs decode at 1/2–1/8 scale (in libjpeg) when every possible
+     crop still keeps >= image_size pixels a side: several times faster for large
+     photos at 128 px;
+  3. process p of P takes positions p, p+P, p+2P… of the stream: the processes' shares
+     are disjoint, and together they cover every example once per epoch; global batch
+     k holds the same examples whatever P is (while nothing is skipped);
+  4. bad examples (see ov3.data.decode.SKIP_REASONS) are counted; in training they are
+     dropped, in eval they become masked rows, so every process yields the same number
+     of eval batches and evaluators can drop padding with `mask`;
+  5. the per-process batch (global_batch_size / process_count) is stacked here, turned
+     into float [-1, 1] and made into global arrays sharded over the mesh axes
+     ("data", "fsdp") on the batch dimension (mesh=None returns the numpy batch).
+
+Resuming: the state is the number of stream elements this process has consumed (plus
+counters); `set_state` restarts grain from that position, which also works with a
+different worker count. With finite `num_epochs`, processes that skipped different
+numbers of examples can run out one batch apart: drive training by step count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import flags, logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
+
+from ov3.data import decode, records
+from ov3.data.tokenizer import Tokenizer
+from ov3.errors import Ov3Error
+
+AUGMENTS = ("rrc", "center_crop")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `config.data` section with every key and its default."""
+    return ml_collections.ConfigDict({
+        "source": "arrayrecord", "path": "", "tokenizer": "",
+        "train_split": "train", "eval_split": "heldout",
+        "text_key": "alt_text", "caption_key": "caption",
+        "text_len": 80, "caption_len": 128,
+        "augment": "rrc", "rrc_area": (0.4, 1.0), "rrc_ratio": (3 / 4, 4 / 3),
+        "num_epochs": ml_collections.config_dict.placeholder(int),
+        "worker_count": 0, "read_threads": 8, "prefetch": 256,
+        "max_pixels": decode.DEFAULT_MAX_PIXELS, "min_side": 8,
+    })
+
+
+def _get(cfg, key: str):
+    """cfg[key], falling back to the default so configs may leave keys out."""
+    return cfg[key] if key in cfg else default_config()[key]
+
+
+# --- one example -------------------------------------------------------------------
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
+                        area: tuple[float, float], ratio: tuple[float, float]) -> Image.Image:
+    """Inception-style crop: random area fraction and aspect ratio, resized to size²."""
+    w, h = img.size
+    for _ in range(10):
+        target = w * h * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    return center_crop(img, size)  # Extreme aspect ratios: fall back, as torchvision does.
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Largest centred square, resized to size² (same as resize-shorter-side + crop)."""
+    w, h = img.size
+    s = min(w, h)
+    x0, y0 = (w - s) // 2, (h - s) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + s, y0 + s))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """Record bytes → {"image": u8[S,S,3], "text", "caption"} or {"skip": reason index}.
+
+    A picklable callable, so that grain can ship it to worker processes.
+    """
+    tokenizer: Tokenizer
+    image_size: int
+    crop: str  # "rrc" or "center_crop"
+    seed: int
+    text_key: str = "alt_text"
+    caption_key: str = "caption"
+    text_len: int = 80
+    caption_len: int = 128
+    rrc_area: tuple[float, float] = (0.4, 1.0)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    max_pixels: int = decode.DEFAULT_MAX_PIXELS
+    min_side: int = 8
+
+    def draft_side(self) -> int:
+        """Shortest image side that still gives every crop >= image_size pixels a side."""
+        if self.crop != "rrc":
+            return self.image_size
+        # The smallest crop side is sqrt(area_min * ratio_min) of the shorter image side.
+        return math.ceil(self.image_size / math.sqrt(self.rrc_area[0] * min(
+            self.rrc_ratio[0], 1 / self.rrc_ratio[1])))
+
+    def __call__(self, index: int, record: bytes) -> dict[str, Any]:
+        try:
+            return self.process(index, record)
+        except decode.Skip as s:
+            return {"skip": decode.SKIP_REASONS.index(s.reason)}
+
+    def process(self, index: int, record: bytes) -> dict[str, Any]:
+        """Like __call__ but raises decode.Skip (with the detail) for a bad example."""
+        try:
+            fields = records.parse_example(record)
+            raw = (fields["image"], fields[self.text_key], fields[self.caption_key])
+        except (ValueError, KeyError) as e:
+            raise decode.Skip("bad_record", repr(e)) from e
+        text, caption = decode.decode_text(raw[1]), decode.decode_text(raw[2])
+        img = decode.decode_image(raw[0], max_pixels=self.max_pixels, min_side=self.min_side,
+                                  draft_side=self.draft_side())
+        if self.crop == "rrc":
+            rng = np.random.default_rng([self.seed, index])
+            img = random_resized_crop(img, self.image_size, rng, self.rrc_area, self.rrc_ratio)
+        else:
+            img = center_crop(img, self.image_size)
+        return {"image": np.asarray(img, np.uint8),
+                "text": self.tokenizer.encode(text, self.text_len),
+                "caption": self.tokenizer.encode(caption, self.caption_len)}
+
+
+# --- the iterator ------------------------------------------------------------------
+
+class BatchIterator:
+    """Per-process batches as global jax.Arrays; resumable via get_state/set_state."""
+
+    def __init__(self, dataset: grain.MapDataset, *, preprocess: Preprocess,
+                 per_process_batch: int, global_batch_size: int, train: bool,
+                 sharding: NamedSharding | None, worker_count: int, read_threads: int,
+                 prefetch: int, num_batches: int | None, process_index: int,
+                 process_count: int):
+        self._dataset = dataset  # This process's stream, before decoding threads/workers.
+        self._pre = preprocess
+        self._pb, self._gb = per_process_batch, global_batch_size
+        self._train, self._sharding = train, sharding
+        self._workers, self._threads, self._prefetch = worker_count, read_threads, prefetch
+        self.num_batches = num_batches  # Eval: batches every process yields; train: None.
+        self._process = (process_index, process_count)
+        self._consumed = 0  # Stream elements taken by this process.
+        self._batches = 0
+        self._skipped = dict.fromkeys(decode.SKIP_REASONS, 0)
+        self._it = None
+
+    def _start(self) -> None:
+        self.close()
+        ds = self._dataset[self._consumed:]
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
+                                                   prefetch_buffer_size=self._prefetch))
+        if self._workers > 0:
+            # grain workers read absl flags; parse them if the program did not (argparse CLIs).
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+        self._it = iter(it)
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.num_batches is not None and self._batches >= self.num_batches:
+            raise StopIteration
+        if self._it is None:
+            self._start()
+        rows: list[dict | None] = []  # None: a masked row (bad example or padding).
+        while len(rows) < self._pb:
+            try:
+                el = next(self._it)
+            except StopIteration:
+                break
+            self._consumed += 1
+            if "skip" in el:
+                self._skipped[decode.SKIP_REASONS[el["skip"]]] += 1
+                if not self._train:
+                    rows.append(None)
+                continue
+            rows.append(el)
+        if self._train and len(rows) < self._pb:
+            raise StopIteration  # Finite num_epochs: drop the last partial batch.
+        self._batches += 1
+        return self._to_global(self._stack(rows))
+
+    def _stack(self, rows: list[dict | None]) -> dict[str, np.ndarray]:
+        s, pb = self._pre.image_size, self._pb
+        batch = {"image": np.zeros((pb, s, s, 3), np.uint8),
+                 "text": np.zeros((pb, self._pre.text_len), np.int32),
+                 "caption": np.zeros((pb, self._pre.caption_len), np.int32)}
+        mask = np.zeros((pb,), bool)
+        for i, row in enumerate(rows):
+            if row is not None:
+                mask[i] = True
+                for k in batch:
+                    batch[k][i] = row[k]
+        # uint8 until here: 4× less to move between worker processes.
+        batch["image"] = batch["image"].astype(np.float32) * np.float32(2 / 255) - 1
+        if not self._train:
+            batch["mask"] = mask
+        return batch
+
+    def _to_global(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self._sharding is None:
+            return batch
+        return {k: jax.make_array_from_process_local_data(
+            self._sharding, v, (self._gb,) + v.shape[1:]) for k, v in batch.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable position of this process's stream."""
+        return {"consumed": self._consumed, "batches": self._batches,
+                "skipped": dict(self._skipped),
+                "process_index": self._process[0], "process_count": self._process[1]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues exactly where the iterator that produced `state` was."""
+        saved = state.get("process_count")
+        if saved is not None and saved != self._process[1]:
+            logging.warning(
+                "Data state saved with process_count=%s, now %s: the resumed run sees a "
+                "different order than the original one would have.",
+                saved, self._process[1])
+        self._consumed = int(state["consumed"])
+        self._batches = int(state["batches"])
+        self._skipped = dict.fromkeys(decode.SKIP_REASONS, 0)
+        self._skipped.update({k: int(v) for k, v in state["skipped"].items()})
+        self._start()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the `text` and `caption` ids come from (to decode them)."""
+        return self._pre.tokenizer
+
+    def stats(self) -> dict[str, int]:
+        """Examples skipped so far by this process, by reason."""
+        return dict(self._skipped)
+
+    def close(self) -> None:
+        """Stops worker processes and threads (also done when garbage collected)."""
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
+
+def make_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | None,
+                  global_batch_size: int, image_size: int, split: str, train: bool,
+                  seed: int, tokenizer: Tokenizer | None = None) -> BatchIterator:
+    """The batch iterator for this process (see the module docstring)."""
+    return make_process_iterator(
+        data_cfg, mesh=mesh, global_batch_size=global_batch_size, image_size=image_size,
+        split=split, train=train, seed=seed, tokenizer=tokenizer,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | None,
+                          global_batch_size: int, image_size: int, split: str,
+                          train: bool, seed: int, tokenizer: Tokenizer | None,
+                          process_index: int, process_count: int) -> BatchIterator:
+    """`make_iterator` with the process explicit (tests simulate several processes)."""
+    source = _get(data_cfg, "source")
+    if source != "arrayrecord":
+        raise Ov3Error(f"config.data.source={source!r} is not supported; use 'arrayrecord' "
+                       "(convert other data with the ov3.data tools first).")
+    path = _get(data_cfg, "path")
+    if not path:
+        raise Ov3Error("config.data.path is empty; set it to a dataset folder, e.g. "
+                       "--config.data.path=/data/shapes after python -m ov3.data.synthetic "
+                       "--out /data/shapes.")
+    crop = _get(data_cfg, "augment") if train else "center_crop"
+    if crop not in AUGMENTS:
+        raise Ov3Error(f"config.data.augment={crop!r}; use one of {AUGMENTS}.")
+    if global_batch_size % process_count:
+        raise Ov3Error(f"global_batch_size={global_batch_size} is not divisible by the "
+                       f"{process_count} processes; change the batch size.")
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_file(_get(data_cfg, "tokenizer")
+                                        or os.path.join(path, "tokenizer.json"))
+    sharding = None
+    if mesh is not None:
+        missing = {"data", "fsdp"} - set(mesh.axis_names)
+        if missing:
+            raise Ov3Error(f"The mesh has axes {mesh.axis_names}; the batch is sharded over "
+                           f"'data' and 'fsdp', missing {sorted(missing)}.")
+        n = mesh.shape["data"] * mesh.shape["fsdp"]
+        if global_batch_size % n:
+            raise Ov3Error(f"global_batch_size={global_batch_size} is not divisible by "
+                           f"data x fsdp = {n} devices; change the batch size or the mesh.")
+        sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+    files = records.split_files(path, split)
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+    num_examples = len(ds)
+    if train:
+        if num_examples == 0:
+            raise Ov3Error(f"Split {split!r} of {path} is empty; cannot train on it.")
+        ds = ds.shuffle(seed=seed).repeat(_get(data_cfg, "num_epochs"))
+    preprocess = Preprocess(
+        tokenizer=tokenizer, image_size=image_size, crop=crop, seed=seed,
+        text_key=_get(data_cfg, "text_key"), caption_key=_get(data_cfg, "caption_key"),
+        text_len=_get(data_cfg, "text_len"), caption_len=_get(data_cfg, "caption_len"),
+        rrc_area=tuple(_get(data_cfg, "rrc_area")),
+        rrc_ratio=tuple(_get(data_cfg, "rrc_ratio")),
+        max_pixels=_get(data_cfg, "max_pixels"), min_side=_get(data_cfg, "min_side"))
+    ds = ds.map_with_index(preprocess)[process_index::process_count]
+    per_process_batch = global_batch_size // process_count
+    num_batches = None
+    if not train:  # Same count on every process, enough for the largest share.
+        num_batches = math.ceil(math.ceil(num_examples / process_count) / per_process_batch)
+    return BatchIterator(
+        ds, preprocess=preprocess, per_process_batch=per_process_batch,
+        global_batch_size=global_batch_size, train=train, sharding=sharding,
+        worker_count=_get(data_cfg, "worker_count"),
+        read_threads=_get(data_cfg, "read_threads"), prefetch=_get(data_cfg, "prefetch"),
+        num_batches=num_batches, process_index=process_index,
+        process_count=process_count)

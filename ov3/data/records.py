@@ -1,0 +1,265 @@
+"""ArrayRecord storage of captioned images, readable by grain and by TFDS.
+
+A dataset is one folder:
+
+    DIR/train-00000-of-00004.array_record ...   one file per shard, per split
+    DIR/manifest.json                           ov3's index: counts, bytes, skips
+    DIR/dataset_info.json, DIR/features.json    the same, for tfds.builder_from_directory
+    DIR/tokenizer.json                          (optional) the vocabulary to use
+
+Each record is a serialized `tf.train.Example` with four bytes features:
+`key` (unique id), `image` (the encoded file as stored: PNG, JPEG, WebP… — never
+re-encoded), `alt_text` and `caption` (UTF-8). Why this format: it is the format TFDS
+and TF (`tf.io.parse_single_example`) read, so the same shards open with
+`tfds.builder_from_directory(DIR).as_data_source(split)` (an `Image` feature plus
+three `Text` features) with no conversion; and the protobuf subset we need (a map of
+bytes lists) is ~40 lines, so writing and reading need neither TF nor protobuf.
+
+Shards are filled round-robin, so they differ in size by at most one record and a
+split with fewer records than shards just has fewer shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from array_record.python import array_record_module
+
+from ov3.data import decode
+from ov3.errors import Ov3Error
+
+MANIFEST = "manifest.json"
+FORMAT = "ov3.records/1"
+FEATURES = ("key", "image", "alt_text", "caption")
+# group_size:1 keeps every record separately addressable: grain reads in random order.
+_WRITER_OPTIONS = "group_size:1"
+
+
+# --- tf.train.Example, the part we use --------------------------------------------
+# Example{features=1: Features{feature=1: map<string, Feature>}}, a map entry is
+# {key=1: string, value=2: Feature}, Feature{bytes_list=1: BytesList{value=1: bytes}}.
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def serialize_example(features: Mapping[str, bytes | str]) -> bytes:
+    """{name: bytes or str} → serialized tf.train.Example of scalar bytes features."""
+    entries = b""
+    for name, value in sorted(features.items()):
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        feature = _field(1, _field(1, value))  # Feature.bytes_list.value[0]
+        entries += _field(1, _field(1, name.encode("utf-8")) + _field(2, feature))
+    return _field(1, entries)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: memoryview):
+    """Yields (field number, payload) of the length-delimited fields; skips the rest."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        tag, pos = _read_varint(buf, pos)
+        wire = tag & 7
+        if wire == 2:
+            n, pos = _read_varint(buf, pos)
+            if pos + n > end:
+                raise ValueError("field runs past the end of the record")
+            yield tag >> 3, buf[pos:pos + n]
+            pos += n
+        elif wire == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+
+
+def parse_example(data: bytes) -> dict[str, bytes]:
+    """Serialized tf.train.Example → {name: first bytes value}; ValueError if malformed.
+
+    Features that are not bytes lists (int64/float) are ignored.
+    """
+    out: dict[str, bytes] = {}
+    try:
+        for f, features in _fields(memoryview(data)):
+            if f != 1:
+                continue
+            for f2, entry in _fields(features):
+                if f2 != 1:
+                    continue
+                name, value = None, None
+                for f3, part in _fields(entry):
+                    if f3 == 1:
+                        name = bytes(part).decode("utf-8")
+                    elif f3 == 2:
+                        for f4, blist in _fields(part):
+                            if f4 == 1:  # bytes_list
+                                value = next((bytes(v) for f5, v in _fields(blist) if f5 == 1), b"")
+                if name is not None and value is not None:
+                    out[name] = value
+    except (IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed tf.train.Example: {e}") from e
+    return out
+
+
+# --- writing -----------------------------------------------------------------------
+
+class SplitWriter:
+    """Writes one split of a dataset folder; call `write` per example, then `close`.
+
+    With `validate=True` (the default) images are decoded and texts checked before they
+    are stored, and bad examples are left out and counted by reason in the manifest.
+    """
+
+    def __init__(self, out_dir: str, split: str, num_shards: int, *,
+                 validate: bool = True, max_pixels: int = decode.DEFAULT_MAX_PIXELS):
+        if num_shards < 1:
+            raise Ov3Error(f"num_shards={num_shards} for split {split!r}; use >= 1.")
+        if not split or "-" in split or "/" in split:
+            raise Ov3Error(f"Split name {split!r} must be non-empty without '-' or '/'.")
+        os.makedirs(out_dir, exist_ok=True)
+        self._dir, self._split, self._n = out_dir, split, num_shards
+        self._validate, self._max_pixels = validate, max_pixels
+        self._writers = [
+            array_record_module.ArrayRecordWriter(self._tmp_path(i), _WRITER_OPTIONS)
+            for i in range(num_shards)]
+        self._lengths = [0] * num_shards
+        self._count = 0
+        self.skipped: dict[str, int] = {}
+
+    def _tmp_path(self, i: int) -> str:
+        return os.path.join(self._dir, f".{self._split}-{i:05d}.array_record.tmp")
+
+    def write(self, key: str, image: bytes, alt_text: str | bytes,
+              caption: str | bytes) -> str | None:
+        """Stores one example; returns None, or the skip reason if it was left out."""
+        if self._validate:
+            try:
+                decode.decode_text(alt_text)
+                decode.decode_text(caption)
+                decode.decode_image(image, max_pixels=self._max_pixels)
+            except decode.Skip as s:
+                self.skipped[s.reason] = self.skipped.get(s.reason, 0) + 1
+                return s.reason
+        record = serialize_example(
+            {"key": key, "image": image, "alt_text": alt_text, "caption": caption})
+        shard = self._count % self._n
+        self._writers[shard].write(record)
+        self._lengths[shard] += 1
+        self._count += 1
+        return None
+
+    def close(self) -> dict:
+        """Finishes the shard files; returns this split's manifest entry."""
+        for w in self._writers:
+            w.close()
+        used = [i for i in range(self._n) if self._lengths[i]] or [0]
+        shards = []
+        for i in range(self._n):
+            if i in used:
+                name = f"{self._split}-{i:05d}-of-{len(used):05d}.array_record"
+                os.replace(self._tmp_path(i), os.path.join(self._dir, name))
+                shards.append(name)
+            else:
+                os.remove(self._tmp_path(i))
+        return {
+            "num_examples": self._count,
+            "num_bytes": sum(os.path.getsize(os.path.join(self._dir, s)) for s in shards),
+            "shards": shards,
+            "shard_lengths": [self._lengths[i] for i in used],
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+
+
+def write_metadata(out_dir: str, splits: Mapping[str, dict], *, name: str = "ov3_captions",
+                   description: str = "", extra: Mapping | None = None) -> str:
+    """Writes manifest.json and TFDS's dataset_info.json/features.json; returns manifest path."""
+    manifest = {"format": FORMAT,
+                "record": "tf.train.Example; bytes features " + ", ".join(FEATURES),
+                "name": name, "description": description,
+                "splits": dict(splits), **(extra or {})}
+    _write_json(os.path.join(out_dir, MANIFEST), manifest)
+    _write_json(os.path.join(out_dir, "dataset_info.json"), {
+        "name": name, "version": "1.0.0", "description": description,
+        "fileFormat": "array_record",
+        "splits": [{"name": s, "numBytes": str(info["num_bytes"]),
+                    "shardLengths": [str(n) for n in info["shard_lengths"]],
+                    "filepathTemplate": "{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}"}
+                   for s, info in splits.items()],
+    })
+    text = {"pythonClassName": "tensorflow_datasets.core.features.text_feature.Text",
+            "text": {}}
+    _write_json(os.path.join(out_dir, "features.json"), {
+        "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+        "featuresDict": {"features": {
+            "key": text, "alt_text": text, "caption": text,
+            "image": {"pythonClassName":
+                          "tensorflow_datasets.core.features.image_feature.Image",
+                      "image": {"shape": {"dimensions": ["-1", "-1", "3"]},
+                                "dtype": "uint8"}},
+        }}})
+    return os.path.join(out_dir, MANIFEST)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)  # Readers never see half a file.
+
+
+# --- reading -----------------------------------------------------------------------
+
+def read_manifest(path: str) -> dict:
+    """The manifest of the dataset folder `path`."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.exists(mpath):
+        raise Ov3Error(
+            f"{mpath} not found: config.data.path must be a folder written by ov3 (e.g. "
+            "python -m ov3.data.synthetic --out DIR); a missing manifest also means the "
+            "conversion did not finish.")
+    with open(mpath) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise Ov3Error(f"{mpath} has format {manifest.get('format')!r}; this ov3 reads "
+                       f"{FORMAT!r}. Rewrite the dataset with this version.")
+    return manifest
+
+
+def split_files(path: str, split: str) -> list[str]:
+    """Paths of the shard files of `split`, in order."""
+    splits = read_manifest(path)["splits"]
+    if split not in splits:
+        raise Ov3Error(f"Split {split!r} is not in {path}; it has {sorted(splits)}. "
+                       "Set the split name in the config (e.g. config.data.eval_split).")
+    files = [os.path.join(path, s) for s in splits[split]["shards"]]
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        raise Ov3Error(f"Dataset {path} lists shards that are missing: {missing[:3]}...")
+    return files

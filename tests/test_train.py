@@ -1,0 +1,120 @@
+"""The train step and loop on tiny real parts: sharding invariance, exact resume, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from ov3 import checkpoint as ckpt_lib
+from ov3 import metrics as metrics_lib
+from ov3 import sharding, train
+from ov3.data import pipeline
+from ov3.errors import Ov3Error
+from tests.helpers import make_assets, tiny_config
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+def run_steps(cfg, mesh_axes, devices, num_steps=3):
+    """Losses of `num_steps` steps and the final params, on a mesh over `devices`."""
+    cfg.mesh.update(mesh_axes)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    task, tokenizer = train.build_task(cfg)
+    trainer = train.Trainer(cfg, mesh, task)
+    state, frozen = trainer.init_state(), trainer.put_frozen(task.frozen_params())
+    data = pipeline.make_iterator(cfg.data, mesh=mesh, global_batch_size=cfg.batch_size,
+                                  image_size=cfg.image_size, split="train", train=True, seed=cfg.seed,
+                                  tokenizer=tokenizer)
+    losses = []
+    for _ in range(num_steps):
+        state, metrics = trainer.step(state, frozen, next(data))
+        losses.append({k: float(v) for k, v in metrics.items()})
+    return losses, jax.device_get(state.params)
+
+
+def test_sharded_equals_unsharded(assets):
+    data, vae = assets
+    base_lr = 0.004  # small steps: Adam turns float-rounding noise in near-zero grads into +-lr
+    devices = jax.devices()
+    assert len(devices) == 8, "conftest sets 8 fake CPU devices"
+    ref_losses, ref_params = run_steps(tiny_config(data, vae, **{"optim.base_lr": base_lr}), dict(data=1, fsdp=1, tensor=1), devices[:1])
+    for axes in (dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)):
+        losses, params = run_steps(tiny_config(data, vae, **{"optim.base_lr": base_lr}), axes, devices)
+        for got, want in zip(losses, ref_losses):
+            for key in ("loss", "loss/contrastive", "loss/caption", "loss/rec_pixel_l1", "loss/rec_latent_l1"):
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{axes} {key}")
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params, ref_params)
+    # and the loss moved: the step really updates every tower
+    assert ref_losses[-1]["loss"] < ref_losses[0]["loss"]
+
+
+def test_params_are_sharded_by_the_rules(assets):
+    data, vae = assets
+    cfg = tiny_config(data, vae)
+    cfg.mesh.update(data=2, fsdp=2, tensor=2)
+    trainer = train.Trainer(cfg, sharding.make_mesh(cfg.mesh), train.build_task(cfg)[0])
+    qkv = trainer.state_shardings.params["encoder"]["transformer"]["resblocks"]["attn"]["qkv_kernel"]
+    assert tuple(qkv.spec) == (None, "fsdp", None, "tensor", None)
+    # the optimizer's moments follow their params; the VAE is not in the optimizer state
+    mu = trainer.state_shardings.opt_state[1][0].mu["encoder"]["conv1"]["kernel"]
+    assert tuple(mu.spec) == (None, None, None, "fsdp")
+    assert "vae" not in str(jax.tree_util.tree_structure(trainer.abstract_state))
+
+
+def read_losses(workdir):
+    return {row["step"]: row for row in metrics_lib.read_jsonl(workdir / "metrics.jsonl")}
+
+
+def test_resume_is_exact(assets, tmp_path):
+    """4 steps straight == 2 steps, a fresh start from that checkpoint, 2 more steps."""
+    data, vae = assets
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.train(tiny_config(data, vae), straight)
+    # The interrupted run: the same directory as it stood after step 2's checkpoint.
+    shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("4", "tensorboard"))
+    rows = [r for r in metrics_lib.read_jsonl(resumed / "metrics.jsonl") if r["step"] <= 2]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ckpt_lib.Checkpointer(resumed).latest_step() == 2
+    train.train(tiny_config(data, vae), resumed)
+
+    a, b = read_losses(straight), read_losses(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("loss", "loss/contrastive", "loss/caption", "loss/rec_pixel_l1", "lr", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+    trainer_cfg = tiny_config(data, vae)
+    abstract = train.Trainer(trainer_cfg, sharding.make_mesh(trainer_cfg.mesh),
+                             train.build_task(trainer_cfg)[0]).abstract_state
+    pa = ckpt_lib.Checkpointer(straight).restore(4, abstract, None)
+    pb = ckpt_lib.Checkpointer(resumed).restore(4, abstract, None)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), pa, pb)
+    assert (straight / "reconstructions_000004.png").exists()
+    assert json.loads((straight / "config.json").read_text())["model"]["encoder"] == "mu/2"
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(assets, tmp_path):
+    data, vae = assets
+    train.train(tiny_config(data, vae, total_steps=2), tmp_path)
+    bigger = tiny_config(data, vae, total_steps=3, **{"model.text": "S"})
+    with pytest.raises(Ov3Error, match=r"does not fit the configured model .*text/.*saved \(.*expected"):
+        train.train(bigger, tmp_path)
+
+
+def test_nonfinite_loss_stops_with_the_terms(assets, tmp_path):
+    data, vae = assets
+    with pytest.raises(Ov3Error, match=r"non-finite loss or gradient at step 1: loss=nan"):
+        train.train(tiny_config(data, vae, **{"optim.base_lr": float("nan")}), tmp_path)
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(Ov3Error, match="is not writable"):
+        train.prepare_workdir(blocker / "sub")
