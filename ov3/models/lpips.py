@@ -1,0 +1,193 @@
+"""LPIPS (Zhang et al. 2018, `lpips` package, net='vgg', version 0.1) in Flax.
+
+distance(x, y) = sum over 5 VGG16 taps l of mean_{h,w} w_l . (f_l(x) - f_l(y))^2, where f_l are
+channel-normalised relu1_2 / relu2_2 / relu3_3 / relu4_3 / relu5_3 features of torchvision's
+VGG16 `features` and w_l are the learned non-negative 1x1 "lin" heads. Images are NHWC in
+[-1, 1] and first go through lpips' fixed ScalingLayer.
+
+Weights (nothing is downloaded at run time):
+  * VGG16 trunk: torchvision's ImageNet state dict `vgg16-397923af.pth` (keys `features.N.*`;
+    `classifier.*` is ignored), or a .safetensors file with the same keys.
+  * heads: by default the `lin{0..4}.model.1.weight` file `lpips/weights/v0.1/vgg.pth` shipped
+    inside the installed `lpips` package (found without importing lpips, which needs
+    torchvision), or any .pth/.safetensors file with those keys.
+  Reading .pth needs torch. To train on a host without torch, convert once where torch exists:
+  `save_lpips(params, "lpips_vgg.safetensors")`; then `load_lpips("lpips_vgg.safetensors")`
+  finds trunk and heads in that single file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ov3.errors import Ov3Error
+from ov3.models.vae import read_safetensors, write_safetensors
+
+Array = jax.Array
+PyTree = Any
+
+# torchvision VGG16 `features`: conv widths with "M" for max-pools, indexed as in the
+# Sequential (conv i, ReLU i+1), so "features.28.weight" is the last conv.
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+# Indices (in `features`) of the ReLUs whose outputs LPIPS compares.
+_TAPS = (3, 8, 15, 22, 29)
+_SHIFT = (-0.030, -0.088, -0.188)
+_SCALE = (0.458, 0.448, 0.450)
+VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+
+
+def _conv_indices() -> list[tuple[int, int]]:
+    """(index in torchvision `features`, out channels) for the 13 convs."""
+    out, i = [], 0
+    for layer in _VGG16:
+        if layer == "M":
+            i += 1
+        else:
+            out.append((i, layer))
+            i += 2  # conv + ReLU
+    return out
+
+
+def _unit_normalize(f: Array, eps: float = 1e-10) -> Array:
+    # lpips divides by (||f|| + 1e-10). The norm's gradient is undefined where a pixel's
+    # features are all zero (ReLU makes that possible), so clamp the squared norm before the
+    # sqrt: the same values wherever ||f|| >= 1e-15, and a zero instead of a NaN gradient.
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(f * f, axis=-1, keepdims=True), 1e-30))
+    return f / (norm + eps)
+
+
+class LPIPS(nn.Module):
+    """Per-example LPIPS distance between NHWC images in [-1, 1]."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, y: Array) -> Array:
+        n = x.shape[0]
+        h = jnp.concatenate([x, y]).astype(jnp.float32)  # one trunk pass for both images
+        h = ((h - jnp.array(_SHIFT)) / jnp.array(_SCALE)).astype(self.dtype)
+        convs = dict(_conv_indices())
+        feats = []
+        for i in range(_TAPS[-1] + 1):
+            if i in convs:
+                h = nn.Conv(convs[i], (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
+                            name=f"features_{i}")(h)
+            elif i - 1 in convs:
+                h = nn.relu(h)
+            else:
+                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+            if i in _TAPS:
+                feats.append(h)
+        total = jnp.zeros((n,), jnp.float32)
+        for k, f in enumerate(feats):
+            f = _unit_normalize(f.astype(jnp.float32))
+            diff = (f[:n] - f[n:]) ** 2
+            # 1x1 conv to one channel (no bias), then spatial mean.
+            d = nn.Dense(1, use_bias=False, dtype=jnp.float32, name=f"lin{k}")(diff)
+            total = total + jnp.mean(d, axis=(1, 2, 3))
+        return total
+
+
+def lpips_fn(params: PyTree, x: Array, y: Array) -> Array:
+    """Pure LPIPS: params from `load_lpips`, NHWC images in [-1, 1] -> distances of shape (B,)."""
+    return LPIPS().apply({"params": params}, x, y)
+
+
+def _read(path: Path, what: str, how: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise Ov3Error(f"{what} {path} does not exist. {how}")
+    if path.suffix == ".safetensors":
+        return {k: np.asarray(v, np.float32) for k, v in read_safetensors(path).items()}
+    try:
+        import torch
+    except ImportError:
+        raise Ov3Error(
+            f"{path} is a torch file and torch is not installed. Convert it once on a machine "
+            "with torch: params = load_lpips(...); save_lpips(params, 'lpips_vgg.safetensors')."
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or not a state dict
+        raise Ov3Error(f"{what} {path} could not be read by torch.load ({e}). {how}") from None
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _default_heads() -> Path:
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        raise Ov3Error(
+            "LPIPS heads: heads_path was not given and the `lpips` package is not installed. "
+            "`pip install --no-deps lpips` (its wheel ships lpips/weights/v0.1/vgg.pth), or pass "
+            "heads_path to a vgg.pth/.safetensors file with keys lin0..lin4.model.1.weight."
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "vgg.pth"
+
+
+def _expected() -> dict[str, tuple[int, ...]]:
+    shapes, cin = {}, 3
+    for i, cout in _conv_indices():
+        shapes[f"features.{i}.weight"] = (cout, cin, 3, 3)
+        shapes[f"features.{i}.bias"] = (cout,)
+        cin = cout
+    for k, c in enumerate((64, 128, 256, 512, 512)):
+        shapes[f"lin{k}.model.1.weight"] = (1, c, 1, 1)
+    return shapes
+
+
+def load_lpips(vgg_path: str | Path, heads_path: str | Path | None = None) -> tuple[LPIPS, PyTree]:
+    """Loads LPIPS-VGG weights -> (module, params). See the module docstring for the files."""
+    vgg_path = Path(vgg_path)
+    state = _read(vgg_path, "VGG16 weights",
+                  f"Download torchvision's VGG16 ImageNet weights on a machine with internet "
+                  f"({VGG_URL}) and pass that file.")
+    # torchvision's file also holds the classifier, which LPIPS does not use.
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    has_heads = any(k.startswith("lin") for k in state)
+    if heads_path is not None or not has_heads:
+        heads = Path(heads_path) if heads_path is not None else _default_heads()
+        state.update(_read(heads, "LPIPS heads",
+                           "It ships in the lpips wheel as lpips/weights/v0.1/vgg.pth."))
+    expected = _expected()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k} {list(state[k].shape)} != {list(s)}" for k, s in expected.items()
+                   if k in state and tuple(state[k].shape) != s)
+    if missing or unexpected or wrong:
+        raise Ov3Error(
+            f"LPIPS weights ({vgg_path}"
+            + (f", {heads_path}" if heads_path else "")
+            + f") do not match torchvision VGG16 + lpips v0.1 heads: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, wrong shapes {wrong[:8]}. Use torchvision's "
+            f"vgg16-397923af.pth and lpips' weights/v0.1/vgg.pth."
+        )
+    params: dict[str, Any] = {}
+    for i, _ in _conv_indices():
+        params[f"features_{i}"] = {
+            "kernel": jnp.asarray(state[f"features.{i}.weight"].transpose(2, 3, 1, 0)),
+            "bias": jnp.asarray(state[f"features.{i}.bias"]),
+        }
+    for k in range(5):
+        head = state[f"lin{k}.model.1.weight"]  # (1, C, 1, 1) -> Dense kernel (C, 1)
+        params[f"lin{k}"] = {"kernel": jnp.asarray(head[0, :, 0, 0, None])}
+    return LPIPS(), params
+
+
+def save_lpips(params: Mapping[str, Any], path: str | Path) -> None:
+    """Writes trunk + heads as one .safetensors (torch key names) that loads without torch."""
+    out = {}
+    for name, p in params.items():
+        if name.startswith("features_"):
+            i = name.split("_")[1]
+            out[f"features.{i}.weight"] = np.asarray(p["kernel"]).transpose(3, 2, 0, 1)
+            out[f"features.{i}.bias"] = np.asarray(p["bias"])
+        else:
+            out[f"{name}.model.1.weight"] = np.asarray(p["kernel"])[:, 0].reshape(1, -1, 1, 1)
+    write_safetensors({k: v.astype(np.float32) for k, v in out.items()}, path)

@@ -1,0 +1,792 @@
+"""Frozen KL autoencoder (diffusers' `AutoencoderKL`) in Flax, loaded without torch.
+
+OpenVision 3 puts the FLUX.1-dev VAE in front of its ViT: images are encoded to 16-channel
+latents at 1/8 resolution, and the reconstruction branch decodes predicted latents back to
+pixels through the same, frozen decoder. This file holds:
+
+  * `VAEConfig`: a diffusers `config.json` parsed and checked (FLUX.1, SD-1.x/SDXL, SD3);
+  * `AutoencoderKL`: the network, NHWC, numerically equal to diffusers' `AutoencoderKL`;
+  * `VAE`: module + params + latent normalisation, with pure functions for jitted steps;
+  * `from_pretrained`, `init_random`, `save_pretrained`.
+
+Two checkpoint layouts load to identical params:
+  * diffusers: a folder with `config.json` + `diffusion_pytorch_model.safetensors`
+    (or such a folder under `vae/`, as in the FLUX.1-dev repository);
+  * FLUX's original single file `ae.safetensors` (`encoder.down.0.block.0.norm1.weight`,
+    `decoder.up.N...` with up-blocks numbered in reverse, attention as 1x1 convs). Its
+    architecture is read from the tensor shapes; the rest is FLUX.1's (32 groups,
+    scaling_factor 0.3611, shift_factor 0.1159).
+
+Parameter names mirror diffusers' state-dict keys ("down_blocks.0" -> "down_blocks_0"), so the
+conversion is mechanical and every key is checked: a missing, unexpected or mis-shaped tensor
+is an `Ov3Error`, never a partial load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ov3.errors import Ov3Error
+
+Array = jax.Array
+PyTree = Any
+
+# FLUX.1-dev `vae/config.json`, for reference and for `init_random`.
+FLUX1_DEV_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "latents_mean": None,
+    "latents_std": None,
+    "layers_per_block": 2,
+    "mid_block_add_attention": True,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_post_quant_conv": False,
+    "use_quant_conv": False,
+}
+
+LATENT_NORMS = ("scale", "scale_shift")
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+FLUX_FILE_NAME = "ae.safetensors"
+_HOW_TO_GET = (
+    "Download it on a machine with internet, e.g. `huggingface-cli download "
+    "black-forest-labs/FLUX.1-dev ae.safetensors` (single file) or `--include 'vae/*'` "
+    "(diffusers folder; the repository is gated: accept its license first), then copy it here."
+)
+
+# ---------------------------------------------------------------------------------------------
+# Config.
+# ---------------------------------------------------------------------------------------------
+
+# Keys diffusers writes that do not change the network: tiling size and a pipeline precision
+# hint. Keys starting with "_" (version, name) are bookkeeping and ignored as well.
+_IGNORED_KEYS = ("sample_size", "force_upcast")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The architecture-relevant part of a diffusers `AutoencoderKL` config.
+
+    Defaults are diffusers' `AutoencoderKL.__init__` defaults, so a config.json that omits a key
+    means the same here as in diffusers.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    # Per-channel statistics some pipelines use instead of scaling/shift. Kept so that
+    # save_pretrained round-trips them; ov3's latent normalisation does not use them.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (self.num_levels - 1)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], source: str = "VAE config") -> VAEConfig:
+        """Parses and checks a diffusers `AutoencoderKL` config; `source` names it in errors."""
+        if not isinstance(config, Mapping):
+            raise Ov3Error(f"{source}: expected a JSON object (a diffusers VAE config.json), got "
+                           f"{type(config).__name__}.")
+        config = dict(config)
+        class_name = config.pop("_class_name", "AutoencoderKL")
+        if class_name != "AutoencoderKL":
+            raise Ov3Error(
+                f"{source}: _class_name is {class_name!r}; ov3 loads only diffusers "
+                "'AutoencoderKL' VAEs (FLUX.1, SD-1.x/SDXL, SD3). Point it at such a VAE."
+            )
+        for key in list(config):
+            if key.startswith("_") or key in _IGNORED_KEYS:
+                config.pop(key)
+
+        n_blocks = len(config.get("block_out_channels", cls.block_out_channels))
+        for key, block in (("down_block_types", "DownEncoderBlock2D"),
+                           ("up_block_types", "UpDecoderBlock2D")):
+            types = tuple(config.pop(key, (block,)))
+            if set(types) != {block} or len(types) != n_blocks:
+                raise Ov3Error(
+                    f"{source}: {key} is {list(types)}; ov3 supports only {n_blocks} x "
+                    f"{block!r} (one per entry of block_out_channels)."
+                )
+        act_fn = config.pop("act_fn", "silu")
+        if act_fn != "silu":
+            raise Ov3Error(f"{source}: act_fn is {act_fn!r}; ov3 supports only 'silu'.")
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise Ov3Error(
+                f"{source}: unknown or unsupported key(s) {unknown}. Known keys: "
+                f"{sorted(known | {'down_block_types', 'up_block_types', 'act_fn'})}."
+            )
+        for key in ("block_out_channels", "latents_mean", "latents_std"):
+            if config.get(key) is not None:
+                config[key] = tuple(config[key])
+        try:
+            cfg = cls(**config)
+        except TypeError as e:  # pragma: no cover - dataclass signature errors
+            raise Ov3Error(f"{source}: {e}") from None
+        cfg._validate(source)
+        return cfg
+
+    def _validate(self, source: str) -> None:
+        def bad(key: str, why: str) -> Ov3Error:
+            return Ov3Error(f"{source}: {key}={getattr(self, key)!r} {why}")
+
+        for key in ("in_channels", "out_channels", "latent_channels", "layers_per_block",
+                    "norm_num_groups"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(key, "must be a positive integer.")
+        if not self.block_out_channels or not all(
+            isinstance(c, int) and c > 0 for c in self.block_out_channels
+        ):
+            raise bad("block_out_channels", "must be a non-empty list of positive integers.")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise bad("norm_num_groups", f"must divide every block_out_channels entry "
+                      f"{list(self.block_out_channels)} (GroupNorm).")
+        for key in ("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "must be true or false.")
+        if not isinstance(self.scaling_factor, (int, float)) or self.scaling_factor <= 0:
+            raise bad("scaling_factor", "must be a positive number.")
+        if self.shift_factor is not None and not isinstance(self.shift_factor, (int, float)):
+            raise bad("shift_factor", "must be a number or null.")
+
+    def to_diffusers_dict(self) -> dict[str, Any]:
+        """The config.json diffusers' `AutoencoderKL.from_pretrained` reads."""
+        d = dataclasses.asdict(self)
+        for key in ("block_out_channels", "latents_mean", "latents_std"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return {
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "down_block_types": ["DownEncoderBlock2D"] * self.num_levels,
+            "up_block_types": ["UpDecoderBlock2D"] * self.num_levels,
+            **d,
+        }
+
+
+def _as_config(config: VAEConfig | Mapping[str, Any]) -> VAEConfig:
+    return config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Network (NHWC). Submodule names mirror diffusers' keys: "resnets.0" -> "resnets_0".
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1,
+          padding: Any = None) -> nn.Conv:
+    pad = kernel // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=[(pad, pad), (pad, pad)] if isinstance(pad, int) else pad,
+                   dtype=dtype, name=name)
+
+
+def _norm(groups: int, dtype: Any, name: str) -> nn.GroupNorm:
+    # Statistics are reduced in fp32 even for bf16 compute; the two-pass variance matches
+    # torch's GroupNorm to ~1e-7 where the fast E[x^2]-E[x]^2 form would not.
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, use_fast_variance=False,
+                        name=name)
+
+
+class ResnetBlock(nn.Module):
+    """diffusers `ResnetBlock2D` without time embedding: norm-SiLU-conv twice, plus skip."""
+
+    out_channels: int
+    groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = nn.silu(_norm(self.groups, self.dtype, "norm1")(x))
+        h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
+        h = nn.silu(_norm(self.groups, self.dtype, "norm2")(h))
+        h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """The VAE's single-head spatial self-attention (diffusers `Attention`, residual)."""
+
+    groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        y = _norm(self.groups, self.dtype, "group_norm")(x).reshape(b, h * w, 1, c)
+        q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(y) for n in ("to_q", "to_k", "to_v"))
+        # One head of width c; logits and softmax run in fp32 even for bf16 inputs.
+        y = jax.nn.dot_product_attention(q, k, v)
+        y = nn.Dense(c, dtype=self.dtype, name="to_out_0")(y)
+        return x + y.reshape(b, h, w, c)
+
+
+class MidBlock(nn.Module):
+    """resnet -> attention -> resnet at the lowest resolution."""
+
+    channels: int
+    groups: int
+    attention: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = ResnetBlock(self.channels, self.groups, self.dtype, name="resnets_0")(x)
+        if self.attention:
+            x = Attention(self.groups, self.dtype, name="attentions_0")(x)
+        return ResnetBlock(self.channels, self.groups, self.dtype, name="resnets_1")(x)
+
+
+class Downsample(nn.Module):
+    channels: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        # Stride-2 3x3 conv padded on the bottom/right only, as diffusers (padding=0) and LDM do.
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return _conv(self.channels, 3, self.dtype, "conv", stride=2, padding=0)(x)
+
+
+class Upsample(nn.Module):
+    channels: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+        return _conv(self.channels, 3, self.dtype, "conv")(x)
+
+
+class DownBlock(nn.Module):
+    out_channels: int
+    num_layers: int
+    groups: int
+    add_downsample: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for j in range(self.num_layers):
+            x = ResnetBlock(self.out_channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
+        if self.add_downsample:
+            x = Downsample(self.out_channels, self.dtype, name="downsamplers_0")(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    out_channels: int
+    num_layers: int
+    groups: int
+    add_upsample: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for j in range(self.num_layers):
+            x = ResnetBlock(self.out_channels, self.groups, self.dtype, name=f"resnets_{j}")(x)
+        if self.add_upsample:
+            x = Upsample(self.out_channels, self.dtype, name="upsamplers_0")(x)
+        return x
+
+
+class Encoder(nn.Module):
+    config: VAEConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg, g = self.config, self.config.norm_num_groups
+        x = _conv(cfg.block_out_channels[0], 3, self.dtype, "conv_in")(x)
+        for i, ch in enumerate(cfg.block_out_channels):
+            x = DownBlock(ch, cfg.layers_per_block, g, i < cfg.num_levels - 1, self.dtype,
+                          name=f"down_blocks_{i}")(x)
+        ch = cfg.block_out_channels[-1]
+        x = MidBlock(ch, g, cfg.mid_block_add_attention, self.dtype, name="mid_block")(x)
+        x = nn.silu(_norm(g, self.dtype, "conv_norm_out")(x))
+        return _conv(2 * cfg.latent_channels, 3, self.dtype, "conv_out")(x)
+
+
+class Decoder(nn.Module):
+    config: VAEConfig
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, z: Array) -> Array:
+        cfg, g = self.config, self.config.norm_num_groups
+        chans = cfg.block_out_channels[::-1]
+        x = _conv(chans[0], 3, self.dtype, "conv_in")(z)
+        x = MidBlock(chans[0], g, cfg.mid_block_add_attention, self.dtype, name="mid_block")(x)
+        # The up-blocks hold most of the decoder's activations (full resolution, 3 resnets
+        # each); rematerialising them trades ~1/3 more decoder FLOPs for that memory when
+        # gradients flow through the frozen decoder.
+        block = nn.remat(UpBlock) if self.remat else UpBlock
+        for i, ch in enumerate(chans):
+            x = block(ch, cfg.layers_per_block + 1, g, i < cfg.num_levels - 1, self.dtype,
+                      name=f"up_blocks_{i}")(x)
+        x = nn.silu(_norm(g, self.dtype, "conv_norm_out")(x))
+        return _conv(cfg.out_channels, 3, self.dtype, "conv_out")(x)
+
+
+class AutoencoderKL(nn.Module):
+    """diffusers `AutoencoderKL` in NHWC. `dtype` is the compute dtype; params stay fp32."""
+
+    config: VAEConfig
+    dtype: Any = jnp.float32
+    remat_decoder: bool = False
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.encoder = Encoder(cfg, self.dtype)
+        self.decoder = Decoder(cfg, self.dtype, self.remat_decoder)
+        if cfg.use_quant_conv:
+            self.quant_conv = _conv(2 * cfg.latent_channels, 1, self.dtype, "quant_conv")
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = _conv(cfg.latent_channels, 1, self.dtype, "post_quant_conv")
+
+    def encode(self, images: Array) -> tuple[Array, Array]:
+        """NHWC images in [-1, 1] -> posterior (mean, logvar), unnormalised, fp32."""
+        h = self.encoder(images.astype(self.dtype))
+        if self.config.use_quant_conv:
+            h = self.quant_conv(h)
+        mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)  # diffusers' DiagonalGaussianDistribution
+
+    def decode(self, z: Array) -> Array:
+        """Unnormalised NHWC latents -> NHWC images (fp32, nominally in [-1, 1])."""
+        z = z.astype(self.dtype)
+        if self.config.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z).astype(jnp.float32)
+
+    def __call__(self, images: Array) -> Array:
+        return self.decode(self.encode(images)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen VAE as used by training: params + latent normalisation + pure functions.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_latent_norm(latent_norm: str) -> None:
+    if latent_norm not in LATENT_NORMS:
+        raise Ov3Error(
+            f"latent_norm={latent_norm!r} is not one of {LATENT_NORMS}: 'scale' (mean x "
+            "scaling_factor, what the released OpenVision 3 checkpoints expect) or "
+            "'scale_shift' ((mean - shift_factor) x scaling_factor, as diffusers' FLUX pipeline)."
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VAE:
+    """A frozen VAE. The `*_fn`/`posterior` methods are pure in `params` (use them inside a
+    jitted step, passing params explicitly); `encode`/`decode` are jitted conveniences."""
+
+    module: AutoencoderKL
+    params: PyTree
+    config: VAEConfig
+    latent_norm: str = "scale"
+
+    def __post_init__(self) -> None:
+        _check_latent_norm(self.latent_norm)
+
+    @property
+    def _shift(self) -> float:
+        if self.latent_norm == "scale_shift":
+            return float(self.config.shift_factor or 0.0)  # null shift (SD-1.x) means none
+        return 0.0
+
+    def normalize(self, z: Array) -> Array:
+        """Raw posterior latents -> the normalised latents the ViT sees."""
+        return (z - self._shift) * self.config.scaling_factor
+
+    def denormalize(self, latents: Array) -> Array:
+        return latents / self.config.scaling_factor + self._shift
+
+    def posterior(self, params: PyTree, images: Array) -> tuple[Array, Array]:
+        """NHWC images in [-1, 1] -> raw (mean, logvar), e.g. for an L1 + KL VAE loss."""
+        return self.module.apply({"params": params}, images, method=AutoencoderKL.encode)
+
+    def encode_fn(self, params: PyTree, images: Array) -> Array:
+        """NHWC images in [-1, 1] -> normalised latents from the posterior mean."""
+        return self.normalize(self.posterior(params, images)[0])
+
+    def decode_raw_fn(self, params: PyTree, z: Array) -> Array:
+        """Raw (unnormalised) latents -> NHWC images."""
+        return self.module.apply({"params": params}, z, method=AutoencoderKL.decode)
+
+    def decode_fn(self, params: PyTree, latents: Array) -> Array:
+        """Normalised latents -> NHWC images; differentiable w.r.t. `latents`."""
+        return self.decode_raw_fn(params, self.denormalize(latents))
+
+    def encode(self, images: Array) -> Array:
+        """Jitted `encode_fn` with this VAE's params."""
+        return _jit_encode(self.params, images, module=self.module, latent_norm=self.latent_norm)
+
+    def decode(self, latents: Array) -> Array:
+        """Jitted `decode_fn` with this VAE's params."""
+        return _jit_decode(self.params, latents, module=self.module, latent_norm=self.latent_norm)
+
+
+# Module-level so that VAEs with equal modules (hashable: config is a frozen dataclass) share
+# one compilation.
+@functools.partial(jax.jit, static_argnames=("module", "latent_norm"))
+def _jit_encode(params: PyTree, images: Array, *, module: AutoencoderKL,
+                latent_norm: str) -> Array:
+    return VAE(module, params, module.config, latent_norm).encode_fn(params, images)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "latent_norm"))
+def _jit_decode(params: PyTree, latents: Array, *, module: AutoencoderKL,
+                latent_norm: str) -> Array:
+    return VAE(module, params, module.config, latent_norm).decode_fn(params, latents)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax params <-> torch state dict (diffusers names).
+# ---------------------------------------------------------------------------------------------
+
+
+def _param_shapes(config: VAEConfig) -> PyTree:
+    module = AutoencoderKL(config)
+    size = 2 * config.downsample_factor
+    x = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
+    return jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+
+
+def _torch_name(path: tuple[Any, ...]) -> str:
+    """("decoder", "up_blocks_1", "resnets_0", "conv1", "kernel") -> "decoder.up_blocks.1..."."""
+    names = [re.sub(r"_(\d+)$", r".\1", p.key) for p in path[:-1]]
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1].key]
+    return ".".join(names + [leaf])
+
+
+def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    return tuple(shape[::-1])  # 2-D transposed, 1-D unchanged
+
+
+def _to_torch(x: np.ndarray) -> np.ndarray:
+    if x.ndim == 4:
+        return x.transpose(3, 2, 0, 1)  # conv HWIO -> OIHW
+    if x.ndim == 2:
+        return x.T  # dense (in, out) -> linear (out, in)
+    return x
+
+
+def _from_torch(x: np.ndarray) -> np.ndarray:
+    if x.ndim == 4:
+        return x.transpose(2, 3, 1, 0)
+    if x.ndim == 2:
+        return x.T
+    return x
+
+
+def expected_state_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """diffusers state-dict key -> torch shape, for every tensor the config needs."""
+    leaves = jax.tree_util.tree_leaves_with_path(_param_shapes(config))
+    return {_torch_name(p): _torch_shape(v.shape) for p, v in leaves}
+
+
+def params_to_state_dict(params: PyTree) -> dict[str, np.ndarray]:
+    """Flax params -> diffusers `AutoencoderKL` state dict (fp32 numpy, torch layouts)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {_torch_name(p): np.ascontiguousarray(_to_torch(np.asarray(v, np.float32)))
+            for p, v in leaves}
+
+
+def state_dict_to_params(state: Mapping[str, np.ndarray], config: VAEConfig,
+                         source: str) -> PyTree:
+    """diffusers state dict -> fp32 Flax params; every key and shape checked against config."""
+    _check_keys({k: tuple(v.shape) for k, v in state.items()}, expected_state_shapes(config),
+                source)
+    shapes = _param_shapes(config)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: jnp.asarray(_from_torch(np.asarray(state[_torch_name(p)], np.float32))),
+        shapes,
+    )
+
+
+_CONFIG_HINT = ("The weights file and its config.json must come from the same VAE (re-download "
+                "the pair, or fix config.json)")
+
+
+def _check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                source: str, hint: str = _CONFIG_HINT) -> None:
+    """One error naming every missing, unexpected and mis-shaped tensor (first few of each)."""
+
+    def listed(keys: list[str]) -> str:
+        more = f" ... and {len(keys) - 8} more" if len(keys) > 8 else ""
+        return ", ".join(keys[:8]) + more
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} (file {list(found[k])}, expected {list(expected[k])})"
+             for k in sorted(set(found) & set(expected)) if tuple(found[k]) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {listed(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches: {listed(wrong)}")
+    if problems:
+        raise Ov3Error(f"{source} does not match the VAE config: " + "; ".join(problems)
+                       + f". {hint}; ov3 never loads a VAE partially.")
+
+
+# diffusers -> FLUX/LDM names. Up-blocks are numbered from the lowest resolution in diffusers
+# and from the highest in FLUX, hence the index flip (as in diffusers' convert_ldm_vae_checkpoint).
+_FLUX_RENAMES = (
+    (r"\.conv_norm_out\.", ".norm_out."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),
+    (r"\.mid_block\.resnets\.1\.", ".mid.block_2."),
+    (r"\.mid_block\.attentions\.0\.", ".mid.attn_1."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"\.group_norm\.", ".norm."),
+    (r"\.to_(q|k|v)\.", r".\1."),
+    (r"\.to_out\.0\.", ".proj_out."),
+)
+
+
+def diffusers_to_flux_key(key: str, num_levels: int) -> str:
+    """diffusers `AutoencoderKL` key -> key in FLUX's original `ae.safetensors`."""
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", key)
+    if m:
+        level = num_levels - 1 - int(m.group(1))
+        part = "block" if m.group(2) == "resnets" else "upsample"
+        key = f"decoder.up.{level}.{part}.{m.group(3)}"
+    for pattern, repl in _FLUX_RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _flux_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    # FLUX's attention q/k/v/proj_out are 1x1 convs; diffusers' are linear layers.
+    return shape + (1, 1) if ".attn_1." in key and len(shape) == 2 else shape
+
+
+def state_dict_to_flux(state: Mapping[str, np.ndarray], num_levels: int) -> dict[str, np.ndarray]:
+    """diffusers state dict -> FLUX `ae.safetensors` layout (names and attention shapes)."""
+    out = {}
+    for k, v in state.items():
+        fk = diffusers_to_flux_key(k, num_levels)
+        out[fk] = np.asarray(v).reshape(_flux_shape(fk, tuple(v.shape)))
+    return out
+
+
+def _infer_flux_config(shapes: Mapping[str, tuple[int, ...]], source: str) -> VAEConfig:
+    """The architecture of a FLUX-layout file, from its tensor shapes; FLUX.1 for the rest."""
+    try:
+        levels = 1 + max(int(m.group(1)) for k in shapes
+                         if (m := re.match(r"^encoder\.down\.(\d+)\.", k)))
+        layers = 1 + max(int(m.group(1)) for k in shapes
+                         if (m := re.match(r"^encoder\.down\.0\.block\.(\d+)\.", k)))
+        block_out = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]
+                          for i in range(levels))
+        latent = shapes["decoder.conv_in.weight"][1]
+        in_ch = shapes["encoder.conv_in.weight"][1]
+        out_ch = shapes["decoder.conv_out.weight"][0]
+    except (KeyError, ValueError, IndexError) as e:
+        raise Ov3Error(
+            f"{source} is not a FLUX-layout VAE file (could not read its architecture: missing "
+            f"{e}). Pass FLUX's ae.safetensors, or a diffusers folder with config.json."
+        ) from None
+    cfg = dict(FLUX1_DEV_CONFIG, block_out_channels=list(block_out), layers_per_block=layers,
+               latent_channels=latent, in_channels=in_ch, out_channels=out_ch,
+               down_block_types=["DownEncoderBlock2D"] * levels,
+               up_block_types=["UpDecoderBlock2D"] * levels)
+    return VAEConfig.from_dict(cfg, source)
+
+
+def flux_to_state_dict(flux: Mapping[str, np.ndarray], config: VAEConfig,
+                       source: str) -> dict[str, np.ndarray]:
+    """FLUX-layout tensors -> diffusers state dict, checking every key (in FLUX names)."""
+    expected = {diffusers_to_flux_key(k, config.num_levels): (k, s)
+                for k, s in expected_state_shapes(config).items()}
+    _check_keys({k: tuple(v.shape) for k, v in flux.items()},
+                {fk: _flux_shape(fk, s) for fk, (_, s) in expected.items()}, source,
+                "A single file must be FLUX's ae.safetensors (or a truncated/edited copy: "
+                "re-download it); for other VAEs pass their diffusers folder with config.json")
+    return {k: flux[fk].reshape(s) for fk, (k, s) in expected.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files (torch-free safetensors reading, so training hosts need no torch).
+# ---------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+              "BF16": ml_dtypes.bfloat16}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as numpy (fp32/fp16/bf16 supported), no torch."""
+    path = Path(path)
+    if not path.is_file():
+        raise Ov3Error(f"{path} does not exist.")
+    try:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+        n = int(np.frombuffer(data[:8].tobytes(), "<u8")[0])
+        header = json.loads(data[8:8 + n].tobytes())
+        header.pop("__metadata__", None)
+        body, out = data[8 + n:], {}
+        for name, info in header.items():
+            if info["dtype"] not in _ST_DTYPES:
+                raise Ov3Error(f"{path}: tensor {name} has dtype {info['dtype']}; ov3 reads "
+                               f"only {sorted(_ST_DTYPES)}.")
+            begin, end = info["data_offsets"]
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            out[name] = np.frombuffer(body[begin:end], dtype).reshape(info["shape"])
+    except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise Ov3Error(f"{path} is not a valid .safetensors file ({e!r}); re-download it."
+                       ) from None
+    return out
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | Path) -> None:
+    from safetensors.numpy import save_file  # pure-python + numpy, no torch
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+
+
+# Older diffusers VAE files (many SD-1.x ones) still use the pre-0.14 attention names, which
+# diffusers renames on load; so do we.
+_DEPRECATED_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _rename_deprecated(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$", k)
+        out[f"{m.group(1)}.{_DEPRECATED_ATTN[m.group(2)]}.{m.group(3)}" if m else k] = v
+    return out
+
+
+def _resolve(path: Path) -> tuple[str, Path, Path | None]:
+    """-> ("diffusers", weights, config.json) or ("flux", ae.safetensors, None)."""
+    if path.is_file():
+        if path.name == "config.json":
+            path = path.parent
+        elif path.suffix == ".safetensors":
+            return "flux", path, None
+        else:
+            raise Ov3Error(f"{path}: expected a diffusers VAE folder (config.json + "
+                           f"{WEIGHTS_NAME}) or FLUX's single file {FLUX_FILE_NAME}.")
+    if path.is_dir():
+        for folder in (path, path / "vae"):
+            if (folder / "config.json").is_file():
+                weights = folder / WEIGHTS_NAME
+                if not weights.is_file():
+                    raise Ov3Error(
+                        f"{weights} is missing next to {folder / 'config.json'}. ov3 reads only "
+                        f"safetensors weights (no .bin). {_HOW_TO_GET}")
+                return "diffusers", weights, folder / "config.json"
+        if (path / FLUX_FILE_NAME).is_file():
+            return "flux", path / FLUX_FILE_NAME, None
+        raise Ov3Error(f"{path} holds neither config.json + {WEIGHTS_NAME} (also looked in vae/) "
+                       f"nor {FLUX_FILE_NAME}. {_HOW_TO_GET}")
+    raise Ov3Error(f"VAE checkpoint {path} does not exist. {_HOW_TO_GET}")
+
+
+def from_pretrained(path: str | Path, dtype: Any = jnp.float32, latent_norm: str = "scale",
+                    *, remat_decoder: bool = False) -> VAE:
+    """Loads a diffusers VAE folder (or one with a `vae/` subfolder) or FLUX's ae.safetensors.
+
+    `dtype` is the compute dtype; params are fp32 whatever the file stores.
+    """
+    _check_latent_norm(latent_norm)
+    kind, weights, config_path = _resolve(Path(path))
+    tensors = read_safetensors(weights)
+    if kind == "diffusers":
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise Ov3Error(f"{config_path} is not valid JSON ({e}).") from None
+        config = VAEConfig.from_dict(raw, str(config_path))
+        state = _rename_deprecated(tensors)
+    else:
+        if any(".down_blocks." in k for k in tensors):
+            raise Ov3Error(f"{weights} has diffusers key names; pass the folder that holds it "
+                           "together with its config.json instead of the file.")
+        config = _infer_flux_config({k: tuple(v.shape) for k, v in tensors.items()},
+                                    str(weights))
+        state = flux_to_state_dict(tensors, config, str(weights))
+    params = state_dict_to_params(state, config, str(weights))
+    return VAE(AutoencoderKL(config, dtype, remat_decoder), params, config, latent_norm)
+
+
+def init_random(config: VAEConfig | Mapping[str, Any], seed: int = 0, *,
+                dtype: Any = jnp.float32, latent_norm: str = "scale",
+                remat_decoder: bool = False) -> VAE:
+    """A randomly initialised VAE, e.g. to train a small demo VAE or to benchmark.
+
+    Kernels ~ N(0, 1/fan_in) (LeCun normal, Flax's default), biases 0, GroupNorm scale 1.
+    Drawn with numpy from the param shapes: a jitted `module.init` would spend most of a minute
+    compiling the random-number generation on CPU for no benefit.
+    """
+    config = _as_config(config)
+    _check_latent_norm(latent_norm)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if path[-1].key == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            value = rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
+        else:
+            value = np.full(leaf.shape, 1.0 if path[-1].key == "scale" else 0.0, np.float32)
+        return jnp.asarray(value)
+
+    params = jax.tree_util.tree_map_with_path(draw, _param_shapes(config))
+    return VAE(AutoencoderKL(config, dtype, remat_decoder), params, config, latent_norm)
+
+
+def save_pretrained(vae: VAE, path: str | Path) -> None:
+    """Writes the diffusers layout (config.json + diffusion_pytorch_model.safetensors, fp32)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(vae.config.to_diffusers_dict(), indent=2) + "\n")
+    write_safetensors(params_to_state_dict(vae.params), path / WEIGHTS_NAME)
