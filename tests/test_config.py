@@ -55,3 +55,19 @@ def test_bad_mesh(axes, message):
 def test_mesh_fill():
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2)))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.optim.lr=1", "config.optim has no key 'lr'"),
+    ("--config.batchsize=1", "did you mean config.batch_size?"),
+    ("--config.image_size=100", "image_size=100 must be divisible by 16"),
+])
+def test_cli_reports_bad_overrides_without_traceback(override, message, tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "ov3.main", "--config", "configs/demo.py",
+                          "--workdir", str(tmp_path / "w"), override],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
