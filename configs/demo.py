@@ -1,9 +1,9 @@
 """The CPU demo: a tiny OpenVision 3 trained on the procedural captioned scenes with the frozen
 tiny demo VAE; < 10 minutes on 2 cores.
 
-At 32 px the x8 VAE gives a 4x4 latent grid, so the demo encoder uses patch 1 ("mu/1": 16
-tokens) where the paper's 128-256 px runs use patch 2 ("B/2"); everything else is the same
-code path as the real configs.
+The demo VAE downsamples x4 (FLUX's downsamples x8): at 32 px that gives an 8x8 latent grid,
+and the mu/2 encoder (patch 2, as the paper's B/2) turns it into 16 tokens; everything else is
+the same code path as the real configs.
 
     python -m ov3.data.synthetic --out runs/demo_data --size 32
     python -m ov3.main --config configs/demo.py --workdir runs/demo
@@ -20,7 +20,7 @@ def get_config():
     c.total_steps = 600
     c.log_every = 25
     c.checkpoint_every = 200
-    c.model.update(encoder="mu/1", decoder="mu/1", text="mu")
+    c.model.update(encoder="mu/2", decoder="mu/1", text="mu")
     c.vae.path = "ov3/assets/demo_vae"   # trained with configs/demo_vae.py (see its docstring)
     c.optim.base_lr = 4e-3               # lr = 1e-3 at batch 64
     c.optim.warmup_steps = 50
@@ -31,4 +31,8 @@ def get_config():
     c.data.caption_len = 64
     c.data.augment = "center_crop"
     c.data.read_threads = 1              # tiny PNGs: threads only add overhead
+    # Held-out evals every 200 steps and after the last (metrics.jsonl: eval/<name>/<metric>);
+    # retrieval counts a repeated alt-text as the same text.
+    c.evals.retrieval = dict(type="retrieval", every=200)
+    c.evals.reconstruction = dict(type="reconstruction", every=200)
     return c

@@ -3,13 +3,18 @@
 Layout: DIR/checkpoints/<step>/{state, data}; `state` is the TrainState pytree (restored
 straight into the shardings of the current mesh, whatever mesh saved it), `data` has one JSON
 file per process (grain's handler). Saves are async; orbax writes to a temporary directory
-and renames it when complete, so a run killed mid-write never restores a partial step.
+(`<step>.orbax-checkpoint-tmp`) and renames it when complete, so a run killed mid-write never
+restores a partial step: only renamed steps are listed, and leftover temporary directories are
+deleted when the next run opens the directory. A checkpoint saved by another number of
+processes resumes with the data position carried over (see `_data_state_for_this_layout`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
+import shutil
 from typing import Any
 
 import grain
@@ -45,8 +50,11 @@ class Checkpointer:
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                                  enable_async_checkpointing=async_save),
+            # Named handlers, so a fresh process can read a step's metadata before restoring it.
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -61,10 +69,17 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
         """Restore `step` into `abstract_state` (a pytree of ShapeDtypeStruct with shardings);
         a checkpoint of another model raises an Ov3Error listing every mismatched parameter."""
-        check_compatible(self.manager.item_metadata(step)["state"], abstract_state, self.directory / str(step))
+        saved = self.manager.item_metadata(step)["state"]
+        if saved is None:
+            raise Ov3Error(f"{self.directory / str(step)} has no readable 'state' item; it is not an ov3 "
+                           "checkpoint or it is damaged. Use another --workdir or remove that step.")
+        check_compatible(saved, abstract_state, self.directory / str(step))
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        data_dir = self.directory / str(step) / "data"
+        if data_iterator is not None and (data_dir / _data_file(jax.process_index(), jax.process_count())).exists():
             items["data"] = grain.checkpoint.CheckpointRestore(_IteratorRestore(data_iterator))
+        elif data_iterator is not None:  # saved by another number of processes
+            data_iterator.set_state(_data_state_for_this_layout(data_dir))
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def wait(self) -> None:
@@ -72,6 +87,54 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _data_file(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.json"  # grain's handler names them so
+
+
+def _data_state_for_this_layout(data_dir: pathlib.Path) -> dict[str, Any]:
+    """This process's data position from one saved by P' processes (ov3.data.pipeline, step 3:
+    global batch k is stream positions [kB, (k+1)B), whatever the process count).
+
+    Every saved process took `batches` global batches; the new run starts at the first global
+    batch no saved process had begun. With nothing skipped that is batch `batches` itself, so
+    the resumed run sees exactly what an uninterrupted one would; otherwise the rest of the
+    batches the old processes had partly read ahead (to replace skipped examples) is not seen."""
+    saved = [json.loads(f.read_text()) for f in sorted(data_dir.glob("process_*-of-*.json"))]
+    if not saved:
+        raise Ov3Error(f"{data_dir} holds no data position (process_*-of-*.json); the checkpoint is incomplete.")
+    count = saved[0]["process_count"]
+    if len(saved) != count:
+        raise Ov3Error(f"{data_dir} holds {len(saved)} data positions, expected {count}; the checkpoint is incomplete.")
+    batches = saved[0]["batches"]
+    if batches == 0:
+        next_batch, old_per_process = 0, 1
+    else:  # consumed = good rows (batches * per-process batch) + skipped examples
+        old_per_process = (saved[0]["consumed"] - sum(saved[0]["skipped"].values())) // batches
+        next_batch = max(math.ceil(s["consumed"] / old_per_process) for s in saved)
+    here, now = jax.process_index(), jax.process_count()
+    skipped = {k: sum(s["skipped"][k] for s in saved) if here == 0 else 0 for k in saved[0]["skipped"]}
+    if here == 0:
+        print(f"data position: saved by {count} processes, now {now}; resuming at global batch {next_batch}"
+              + ("" if next_batch == batches else f" ({next_batch - batches} batches' worth of examples skipped)"),
+              flush=True)
+    return {"consumed": next_batch * old_per_process * count // now, "batches": batches, "skipped": skipped,
+            "process_index": here, "process_count": now}
+
+
+def check_free_space(checkpointer: Checkpointer, abstract_state: Any, keep: int) -> None:
+    """Raise before anything compiles if the workdir cannot hold this run's checkpoints: up to
+    `keep` of them plus the one being written (fewer if some are already there)."""
+    one = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    more = max(keep + 1 - len(checkpointer.manager.all_steps()), 1)
+    free = shutil.disk_usage(checkpointer.directory).free
+    if free < one * more:
+        gib = 2 ** 30
+        raise Ov3Error(f"workdir {checkpointer.directory.parent} has {free / gib:.3g} GiB free, but this run's "
+                       f"checkpoints need {one * more / gib:.3g} GiB ({more} x {one / gib:.3g} GiB with "
+                       f"keep_checkpoints={keep}); free space there, pick another --workdir, or lower "
+                       "config.keep_checkpoints.")
 
 
 def _flat(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -82,6 +145,10 @@ def _flat(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def check_compatible(saved_metadata: Any, expected: Any, where: pathlib.Path) -> None:
     saved, want = _flat(saved_metadata), _flat(expected)
+    if any(not k.startswith("opt_state/") and saved.get(k) != want.get(k) for k in saved.keys() | want.keys()):
+        # The optimizer moments mirror the params: listing them too would only repeat each name.
+        saved = {k: v for k, v in saved.items() if not k.startswith("opt_state/")}
+        want = {k: v for k, v in want.items() if not k.startswith("opt_state/")}
     problems = [f"{k}: saved {saved[k]}, expected {want[k]}" for k in sorted(saved.keys() & want.keys())
                 if saved[k] != want[k]]
     problems += [f"{k}: in the checkpoint, not in this model" for k in sorted(saved.keys() - want.keys())]

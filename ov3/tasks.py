@@ -16,6 +16,7 @@ import ml_collections
 
 from ov3 import losses
 from ov3.errors import Ov3Error
+from ov3.models import registry
 from ov3.models import vae as vae_lib
 from ov3.models.ov3 import OV3Model, ModelSpec
 
@@ -47,7 +48,12 @@ class OV3Task:
                                           latent_channels=vae.config.latent_channels)
         self.model = OV3Model(self.spec)
         self.lpips = load_lpips(cfg)
-        self.latent_size = cfg.image_size // vae.config.downsample_factor
+        factor = vae.config.downsample_factor
+        _, patch = registry.vit_size(cfg.model.encoder, "model.encoder")
+        if cfg.image_size % (factor * patch):
+            raise Ov3Error(f"config.image_size={cfg.image_size} must be a multiple of {factor * patch}: the VAE "
+                           f"downsamples x{factor} and model.encoder={cfg.model.encoder!r} has patch {patch}.")
+        self.latent_size = cfg.image_size // factor
 
     def frozen_params(self) -> dict[str, Any]:
         frozen = {"vae": self.vae.params}
