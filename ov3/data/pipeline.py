@@ -3,15 +3,28 @@
     it = make_iterator(config.data, mesh=mesh, global_batch_size=8192, image_size=128,
                        split="train", train=True, seed=config.seed)
     batch = next(it)  # {"image": f32[B,H,W,3] in [-1,1], "text": i32[B,text_len],
-                      #  "caption": i32[B,caption_len]}  (+ "mask": bool[B] if not train)
+                      #  "caption": i32[B,caption_len]}  (+ "mask": bool[B] if not train,
+                      #  "label": i32[B] with label_key, "latent": bf16[B,h,w,c] with
+                      #  use_cached_latents)
     state = it.get_state()   # JSON-serialisable; it.set_state(state) resumes exactly
     it.stats()               # {"bad_record": 0, "corrupt_image": 2, ...} skipped so far
 
 `config.data` keys (`default_config()` has them all), default in brackets:
-  source        [arrayrecord] the only one so far: a folder written by ov3.data.records
-  path          [""] the dataset folder (required)
+  source        [arrayrecord] a folder written by ov3.data.records (or ov3.data.convert,
+                ov3.data.cache_latents); "tfds": a TFDS dataset on disk, read without TF
+                (ov3.data.tfds_source)
+  path          [""] the dataset folder (required); source=tfds: a TFDS data dir (with
+                tfds_name) or a builder dir
+  tfds_name     [""] source=tfds: "name[/config][:version]" inside the data dir `path`
+  image_key     [image] record field / TFDS feature holding the encoded image
+  label_key     [""] an int field (ClassLabel) to yield as batch["label"], e.g. "label" for
+                ov3.data.convert imagefolder sets; "" yields none
+  use_cached_latents [False] `path` is a latent cache (python -m ov3.data.cache_latents):
+                batches also hold "latent" (bf16) and the train step skips the VAE
+                encoder. Augmentation is then fixed: the cached centre crop
   tokenizer     [""] a vocab.txt or tokenizer.json; "" means <path>/tokenizer.json
-  text_key      [alt_text] record field for the contrastive text tower
+  text_key      [alt_text] record field for the contrastive text tower (source=tfds: a
+                Text feature, or a ClassLabel feature whose class name becomes the text)
   caption_key   [caption] record field the caption decoder learns to write; for data
                 with a single text, set both keys to it
   text_len      [80] tokens per `text` row, BOS and EOS included (OpenVision's value)
@@ -37,9 +50,12 @@ What happens, in order:
      the process count. JPEGs decode at 1/2–1/8 scale (in libjpeg) when every possible
      crop still keeps >= image_size pixels a side: several times faster for large
      photos at 128 px;
-  3. process p of P takes positions p, p+P, p+2P… of the stream: the processes' shares
-     are disjoint, and together they cover every example once per epoch; global batch
-     k holds the same examples whatever P is (while nothing is skipped);
+  3. global batch k is positions [kB, (k+1)B) of the stream (B = global batch size);
+     the process whose devices hold rows [r, r + B/P) of the batch reads positions
+     kB + r … kB + r + B/P - 1 of it: the processes' shares are disjoint, together they
+     cover every example once per epoch, and global batch k is the same rows in the
+     same order whatever P is (while nothing is skipped), so a run on P processes
+     computes what a run on one does;
   4. bad examples (see ov3.data.decode.SKIP_REASONS) are counted; in training they are
      dropped, in eval they become masked rows, so every process yields the same number
      of eval batches and evaluators can drop padding with `mask`;
@@ -63,22 +79,28 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
 from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from ov3.data import decode, records
+from ov3.data import decode, records, records_extra
 from ov3.data.tokenizer import Tokenizer
 from ov3.errors import Ov3Error
 
 AUGMENTS = ("rrc", "center_crop")
+SOURCES = ("arrayrecord", "tfds")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The `config.data` section with every key and its default."""
     return ml_collections.ConfigDict({
         "source": "arrayrecord", "path": "", "tokenizer": "",
+        "tfds_name": "",           # source="tfds": dataset name[/config][:version] in `path`
+        "image_key": "image",      # record field / TFDS feature with the encoded image
+        "label_key": "",           # int field yielded as batch["label"]; "" = none
+        "use_cached_latents": False,  # `path` is an ov3.data.cache_latents folder
         "train_split": "train", "eval_split": "heldout",
         "text_key": "alt_text", "caption_key": "caption",
         "text_len": 80, "caption_len": 128,
@@ -120,9 +142,10 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """Record bytes → {"image": u8[S,S,3], "text", "caption"} or {"skip": reason index}.
+    """Record → {"image": u8[S,S,3], "text", "caption"(, "label", "latent")} or {"skip": i}.
 
-    A picklable callable, so that grain can ship it to worker processes.
+    A record is tf.train.Example bytes, or a dict of fields (the TFDS source). A picklable
+    callable, so that grain can ship it to worker processes.
     """
     tokenizer: Tokenizer
     image_size: int
@@ -136,6 +159,20 @@ class Preprocess:
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     max_pixels: int = decode.DEFAULT_MAX_PIXELS
     min_side: int = 8
+    image_key: str = "image"
+    label_key: str = ""  # "": no label
+    latent_shape: tuple[int, ...] | None = None  # cached latents: their (h, w, c)
+
+    def spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """{output key: (per-example shape, dtype)}: what a batch stacks."""
+        s = self.image_size
+        spec = {"image": ((s, s, 3), np.uint8), "text": ((self.text_len,), np.int32),
+                "caption": ((self.caption_len,), np.int32)}
+        if self.label_key:
+            spec["label"] = ((), np.int32)
+        if self.latent_shape is not None:
+            spec["latent"] = (self.latent_shape, ml_dtypes.bfloat16)
+        return spec
 
     def draft_side(self) -> int:
         """Shortest image side that still gives every crop >= image_size pixels a side."""
@@ -151,11 +188,23 @@ class Preprocess:
         except decode.Skip as s:
             return {"skip": decode.SKIP_REASONS.index(s.reason)}
 
-    def process(self, index: int, record: bytes) -> dict[str, Any]:
+    def process(self, index: int, record: bytes | dict) -> dict[str, Any]:
         """Like __call__ but raises decode.Skip (with the detail) for a bad example."""
+        out = {}
         try:
-            fields = records.parse_example(record)
-            raw = (fields["image"], fields[self.text_key], fields[self.caption_key])
+            if isinstance(record, dict):  # The TFDS source picked out the fields already.
+                fields, keys = record, ("image", "text", "caption", "label")
+            else:
+                fields = records.parse_example(record)
+                if self.label_key:
+                    fields.update(records_extra.parse_ints(record))
+                keys = (self.image_key, self.text_key, self.caption_key, self.label_key)
+            raw = (fields[keys[0]], fields[keys[1]], fields[keys[2]])
+            if self.label_key:
+                out["label"] = np.int32(fields[keys[3]])
+            if self.latent_shape is not None:
+                out["latent"] = np.frombuffer(fields["latent"], ml_dtypes.bfloat16).reshape(
+                    self.latent_shape)
         except (ValueError, KeyError) as e:
             raise decode.Skip("bad_record", repr(e)) from e
         text, caption = decode.decode_text(raw[1]), decode.decode_text(raw[2])
@@ -168,10 +217,45 @@ class Preprocess:
             img = center_crop(img, self.image_size)
         return {"image": np.asarray(img, np.uint8),
                 "text": self.tokenizer.encode(text, self.text_len),
-                "caption": self.tokenizer.encode(caption, self.caption_len)}
+                "caption": self.tokenizer.encode(caption, self.caption_len), **out}
 
 
 # --- the iterator ------------------------------------------------------------------
+
+class _ProcessShare(grain.MapDataset):
+    """Block `block` of every group of `count` consecutive blocks of `size` elements:
+    this process's rows of every global batch, in order (step 3 of the module docstring)."""
+
+    def __init__(self, parent: grain.MapDataset, size: int, block: int, count: int):
+        super().__init__(parent)
+        self._size, self._block, self._count = size, block, count
+        full, rest = divmod(len(parent), size * count)
+        self._length = full * size + min(max(rest - block * size, 0), size)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        group, offset = divmod(index, self._size)
+        return self._parent[(group * self._count + self._block) * self._size + offset]
+
+
+def _batch_block(sharding: NamedSharding, global_batch_size: int, per_process_batch: int) -> int:
+    """Which B/P-row block of the global batch this process's devices hold."""
+    rows = set()
+    for device, index in sharding.devices_indices_map((global_batch_size,)).items():
+        if device.process_index == jax.process_index():
+            rows.update(range(*index[0].indices(global_batch_size)))
+    first = min(rows)
+    if len(rows) != per_process_batch or max(rows) - first + 1 != per_process_batch or first % per_process_batch:
+        raise Ov3Error(f"this process's devices hold {len(rows)} rows of the batch ({first}..{max(rows)}), not "
+                       f"one block of batch/processes = {per_process_batch}: give every process whole "
+                       "data x fsdp slices of the mesh (put 'tensor' within a process).")
+    return first // per_process_batch
+
+
 
 class BatchIterator:
     """Per-process batches as global jax.Arrays; resumable via get_state/set_state."""
@@ -232,10 +316,8 @@ class BatchIterator:
         return self._to_global(self._stack(rows))
 
     def _stack(self, rows: list[dict | None]) -> dict[str, np.ndarray]:
-        s, pb = self._pre.image_size, self._pb
-        batch = {"image": np.zeros((pb, s, s, 3), np.uint8),
-                 "text": np.zeros((pb, self._pre.text_len), np.int32),
-                 "caption": np.zeros((pb, self._pre.caption_len), np.int32)}
+        pb = self._pb
+        batch = {k: np.zeros((pb,) + shape, dtype) for k, (shape, dtype) in self._pre.spec().items()}
         mask = np.zeros((pb,), bool)
         for i, row in enumerate(rows):
             if row is not None:
@@ -306,9 +388,9 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
                           process_index: int, process_count: int) -> BatchIterator:
     """`make_iterator` with the process explicit (tests simulate several processes)."""
     source = _get(data_cfg, "source")
-    if source != "arrayrecord":
-        raise Ov3Error(f"config.data.source={source!r} is not supported; use 'arrayrecord' "
-                       "(convert other data with the ov3.data tools first).")
+    if source not in SOURCES:
+        raise Ov3Error(f"config.data.source={source!r} is not supported; use one of {SOURCES} "
+                       "(convert other data with python -m ov3.data.convert first).")
     path = _get(data_cfg, "path")
     if not path:
         raise Ov3Error("config.data.path is empty; set it to a dataset folder, e.g. "
@@ -317,6 +399,17 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
     crop = _get(data_cfg, "augment") if train else "center_crop"
     if crop not in AUGMENTS:
         raise Ov3Error(f"config.data.augment={crop!r}; use one of {AUGMENTS}.")
+    latent_shape = None
+    if _get(data_cfg, "use_cached_latents"):
+        from ov3.data import cache_latents  # The manifest check; no JAX work at import.
+        if source != "arrayrecord":
+            raise Ov3Error("config.data.use_cached_latents needs source='arrayrecord' and "
+                           "path = a folder written by python -m ov3.data.cache_latents.")
+        latent_shape = cache_latents.latent_shape(path, image_size)
+        if crop != "center_crop":
+            logging.warning("config.data.use_cached_latents: training sees the cached centre "
+                            "crops; config.data.augment=%r does not apply.", crop)
+        crop = "center_crop"  # The stored image is already the S x S centre crop.
     if global_batch_size % process_count:
         raise Ov3Error(f"global_batch_size={global_batch_size} is not divisible by the "
                        f"{process_count} processes; change the batch size.")
@@ -335,8 +428,21 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
                            f"data x fsdp = {n} devices; change the batch size or the mesh.")
         sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
-    files = records.split_files(path, split)
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+    if source == "tfds":
+        from ov3.data import tfds_source
+        ds = grain.MapDataset.source(tfds_source.TfdsSource(
+            path, _get(data_cfg, "tfds_name"), split, image_key=_get(data_cfg, "image_key"),
+            text_keys=(_get(data_cfg, "text_key"), _get(data_cfg, "caption_key")),
+            label_key=_get(data_cfg, "label_key")))
+    else:
+        files = records.split_files(path, split)
+        label_key = _get(data_cfg, "label_key")
+        if label_key and records.read_manifest(path).get("label_key") != label_key:
+            # Else every example would be skipped as a bad record.
+            raise Ov3Error(f"config.data.label_key={label_key!r}, but {path} has no such "
+                           "int field (image-label sets from python -m ov3.data.convert "
+                           "imagefolder have 'label'); set label_key=''.")
+        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
     num_examples = len(ds)
     if train:
         if num_examples == 0:
@@ -348,9 +454,14 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
         text_len=_get(data_cfg, "text_len"), caption_len=_get(data_cfg, "caption_len"),
         rrc_area=tuple(_get(data_cfg, "rrc_area")),
         rrc_ratio=tuple(_get(data_cfg, "rrc_ratio")),
-        max_pixels=_get(data_cfg, "max_pixels"), min_side=_get(data_cfg, "min_side"))
-    ds = ds.map_with_index(preprocess)[process_index::process_count]
+        max_pixels=_get(data_cfg, "max_pixels"), min_side=_get(data_cfg, "min_side"),
+        image_key=_get(data_cfg, "image_key"), label_key=_get(data_cfg, "label_key"),
+        latent_shape=latent_shape)
     per_process_batch = global_batch_size // process_count
+    block = process_index
+    if sharding is not None and (process_index, process_count) == (jax.process_index(), jax.process_count()):
+        block = _batch_block(sharding, global_batch_size, per_process_batch)
+    ds = _ProcessShare(ds.map_with_index(preprocess), per_process_batch, block, process_count)
     num_batches = None
     if not train:  # Same count on every process, enough for the largest share.
         num_batches = math.ceil(math.ceil(num_examples / process_count) / per_process_batch)

@@ -1,0 +1,306 @@
+"""ov3.data.convert: webdataset / table / imagefolder → records round trips, bad inputs
+counted, resume after an interruption; the TFDS pipeline source."""
+
+import csv
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from ov3.data import convert, convert_inputs, pipeline, records, records_extra
+from ov3.data.tokenizer import train_wordpiece
+from ov3.errors import Ov3Error
+
+SIZE = 16
+
+
+def _image(i: int, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(i)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _pixels(data: bytes) -> bytes:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).tobytes()
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _records(out, split="train"):
+    src = grain.sources.ArrayRecordDataSource(records.split_files(out, split))
+    return [(records.parse_example(src[i]), records_extra.parse_ints(src[i]))
+            for i in range(len(src))]
+
+
+def _batches(out, split, **kw):
+    """Every example of `split` through the eval pipeline (centre crop at SIZE: pixels kept)."""
+    cfg = pipeline.default_config()
+    cfg.update(path=out, text_len=32, caption_len=32, read_threads=1, **kw)
+    it = pipeline.make_process_iterator(
+        cfg, mesh=None, global_batch_size=4, image_size=SIZE, split=split, train=False, seed=0,
+        tokenizer=None, process_index=0, process_count=1)
+    rows = []
+    for b in it:
+        for i in np.flatnonzero(b["mask"]):
+            rows.append({k: v[i] for k, v in b.items()})
+    return rows, it
+
+
+@pytest.fixture(scope="module")
+def wds(tmp_path_factory):
+    """Two good tars (img2dataset layout) with broken examples, and one truncated tar."""
+    d = tmp_path_factory.mktemp("wds")
+    good = {}
+    members0, members1 = [], []
+    for i in range(6):
+        key = f"{i:09d}"
+        img = _image(i, "PNG" if i % 2 else "JPEG")
+        meta = {"url": f"http://x/{i}.jpg", "key": key, "caption": f"re {i}",
+                "org_caption": f"alt {i}", "status": "success"}
+        if i == 5:
+            del meta["org_caption"]  # alt text falls back to the .txt
+        members = members0 if i < 3 else members1
+        members += [(f"{key}.jpg", img), (f"{key}.txt", f"re {i}".encode()),
+                    (f"{key}.json", json.dumps(meta).encode())]
+        good[key] = (img, f"alt {i}" if i != 5 else f"re {i}", f"re {i}")
+    members0 += [("100.jpg", b"not an image"), ("100.txt", b"corrupt"),          # corrupt_image
+                 ("101.jpg", _image(101, "JPEG")[:300]), ("101.txt", b"cut"),    # truncated_image
+                 ("102.txt", b"no image"),                                        # missing_image
+                 ("103.jpg", _image(103)), ("103.json", b"{\"url\": 1}"),         # missing_text
+                 ("104.jpg", _image(104)), ("104.json", b"{not json"),            # bad_json
+                 ("105.jpg", _image(105)), ("105.txt", b"\xff\xfe"),              # text_not_utf8
+                 ("106.jpg", _image(106)), ("106.txt", b"  "),                    # empty_text
+                 ("107.jpg", b""), ("107.txt", b"empty"),                         # empty_image
+                 ("000000000.jpg", _image(0)), ("000000000.txt", b"dup")]         # duplicate_key
+    _tar(d / "00000.tar", members0)
+    _tar(d / "00001.tar", members1)
+    _tar(d / "00002.tar", [("200.jpg", _image(200)), ("200.txt", b"lost")])
+    data = (d / "00002.tar").read_bytes()
+    (d / "00002.tar").write_bytes(data[:700])  # ends inside 200.jpg: bad_tar
+    out = str(d / "out")
+    reader = convert_inputs.WebDataset(convert_inputs.expand_inputs([str(d)], ("*.tar",), "tars"))
+    manifest = convert.convert(reader, out, "train", num_shards=3, workers=2,
+                               show_progress=False)
+    train_wordpiece([t for _, a, c in good.values() for t in (a, c)], 64,
+                    os.path.join(out, "tokenizer.json"))
+    return out, good, manifest
+
+
+def test_webdataset_round_trip_and_bad_inputs(wds):
+    out, good, manifest = wds
+    split = manifest["splits"]["train"]
+    assert split["num_examples"] == 6 and len(split["shards"]) == 2  # 3rd tar: nothing kept
+    assert split["skipped"] == {
+        "bad_json": 1, "bad_tar": 1, "corrupt_image": 1, "duplicate_key": 1, "empty_image": 1,
+        "empty_text": 1, "missing_image": 1, "missing_text": 1, "text_not_utf8": 1,
+        "truncated_image": 1}
+    info = manifest["per_split"]["train"]
+    # re_caption is in no .json (img2dataset stores its caption column as "caption"), so
+    # the caption comes from the .txt; one example has no org_caption either.
+    assert info["text_sources"] == {"alt_text": {"org_caption": 5, "txt": 1},
+                                    "caption": {"txt": 6}}
+    assert list(info["input_errors"]) == [os.path.join(os.path.dirname(out), "00002.tar")]
+    assert not os.path.exists(os.path.join(out, ".work-train"))
+    rows, it = _batches(out, "train")
+    tok = it.tokenizer
+    expected = {(_pixels(img), tuple(tok.encode(a, 32)), tuple(tok.encode(c, 32)))
+                for img, a, c in good.values() if img[:2] == b"\x89P"}  # PNGs: lossless
+    got = {(np.round((r["image"] + 1) * 127.5).astype(np.uint8).tobytes(), tuple(r["text"]),
+            tuple(r["caption"])) for r in rows}
+    assert len(rows) == 6 and expected <= got
+    stored = {f["key"].decode(): f for f, _ in _records(out)}
+    assert stored.keys() == good.keys()
+    for key, (img, alt, cap) in good.items():  # bytes stored as they came, texts as chosen
+        assert stored[key]["image"] == img
+        assert (stored[key]["alt_text"].decode(), stored[key]["caption"].decode()) == (alt, cap)
+
+
+def test_rerun_of_a_finished_split_is_a_no_op(wds, capsys):
+    out, _, manifest = wds
+    reader = convert_inputs.WebDataset([])
+    assert convert.convert(reader, out, "train", num_shards=3, workers=1,
+                           show_progress=False) == manifest
+    assert "already converted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_table_formats(tmp_path, fmt):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "example.com" / "a").mkdir(parents=True)
+    rows = []
+    for i in range(5):
+        rel = f"images/{i}.png"
+        (tmp_path / rel).write_bytes(_image(i))
+        rows.append({"url": f"http://other/{i}.jpg", "path": rel, "key": f"k{i}",
+                     "re_caption": f"a synthetic caption {i}", "org_caption": f"alt {i}"})
+    (tmp_path / "example.com/a/5.png").write_bytes(_image(5))
+    rows.append({"url": "", "path": "http://example.com/a/5.png", "key": "k5",
+                 "re_caption": "re 5", "org_caption": "alt 5"})           # URL → host/path
+    rows.append({**rows[0], "key": "k6", "path": "images/missing.png"})   # missing_image
+    rows.append({**rows[0], "key": "k7", "path": "images/0.png", "re_caption": ""})  # empty_text
+    table = tmp_path / f"meta.{fmt}"
+    if fmt == "jsonl":
+        table.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")  # bad_json
+    elif fmt == "csv":
+        with open(table, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), table, row_group_size=3)
+    out = str(tmp_path / "out")
+    convert.main(["table", "--input", str(table), "--out", out, "--shards", "3",
+                  "--workers", "1", "--no-progress"])
+    m = records.read_manifest(out)["splits"]["train"]
+    expected_skips = {"missing_image": 1, "empty_text": 1}
+    if fmt == "jsonl":
+        expected_skips["bad_json"] = 1
+    assert m["skipped"] == expected_skips and m["num_examples"] == 6
+    assert sum(m["shard_lengths"]) == 6 and min(m["shard_lengths"]) > 0  # empty shards dropped
+    stored = {f["key"].decode(): f for f, _ in _records(out)}
+    assert sorted(stored) == [f"k{i}" for i in range(6)]
+    for i in range(6):
+        assert stored[f"k{i}"]["image"] == _image(i)
+        assert stored[f"k{i}"]["caption"] == rows[i]["re_caption"].encode()
+        assert stored[f"k{i}"]["alt_text"] == rows[i]["org_caption"].encode()
+
+
+def test_table_errors(tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"file": "x.png", "text": "t"}) + "\n")
+    with pytest.raises(Ov3Error, match="no image column"):
+        convert.convert(convert_inputs.Table.open([str(tmp_path / "t.jsonl")]),
+                        str(tmp_path / "o"), "train", num_shards=1, workers=1,
+                        show_progress=False)
+    with pytest.raises(Ov3Error, match="no JSONL/CSV"):
+        convert_inputs.Table.open([str(tmp_path / "nothing*.csv")])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder") / "val"
+    expected = {}
+    for c, cls in enumerate(["cat", "dog", "zebra fish"]):
+        (root / cls / "sub").mkdir(parents=True)
+        for j in range(3):
+            rel = f"{cls}/sub/{j}.png" if j == 2 else f"{cls}/{j}.PNG"
+            (root / rel).write_bytes(_image(10 * c + j))
+            expected[rel] = (c, 10 * c + j)
+    (root / "cat" / "notes.txt").write_text("ignored")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff junk")  # corrupt_image
+    (root / "README").write_text("ignored too")
+    out = str(root.parent / "out")
+    convert.main(["imagefolder", "--input", str(root), "--out", out, "--split", "val",
+                  "--shards", "2", "--workers", "1", "--no-progress"])
+    return out, expected
+
+
+def test_imagefolder_labels(folder):
+    out, expected = folder
+    m = records.read_manifest(out)
+    assert m["classes"] == ["cat", "dog", "zebra fish"] and m["label_key"] == "label"
+    assert m["splits"]["val"]["skipped"] == {"corrupt_image": 1}
+    assert m["per_split"]["val"]["ignored_files"] == 2
+    stored = {f["key"].decode(): (f, ints) for f, ints in _records(out, "val")}
+    assert stored.keys() == expected.keys()
+    for key, (label, seed) in expected.items():
+        f, ints = stored[key]
+        assert ints == {"label": label} and f["image"] == _image(seed)
+        assert f["alt_text"] == f["caption"] == m["classes"][label].encode()
+    # TFDS reads the labels as a ClassLabel with the class names.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    builder = tfds.builder_from_directory(out)
+    assert builder.info.features["label"].names == m["classes"]
+    ex = builder.as_data_source("val")[0]
+    assert m["classes"][ex["label"]].encode() == ex["caption"]
+
+
+def test_tfds_source_matches_records(folder, tmp_path):
+    """source="tfds" over the same folder: the same examples (texts from the ClassLabel)."""
+    pytest.importorskip("tensorflow_datasets")
+    out, expected = folder
+    train_wordpiece(["cat", "dog", "zebra fish"], 32, os.path.join(out, "tokenizer.json"))
+    rec_rows, _ = _batches(out, "val", label_key="label")
+    tfds_rows, _ = _batches(out, "val", source="tfds", label_key="label",
+                            text_key="label", caption_key="caption")
+    assert len(rec_rows) == len(tfds_rows) == len(expected)
+    for a, b in zip(rec_rows, tfds_rows):
+        assert a.keys() == b.keys() == {"image", "text", "caption", "label", "mask"}
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # A TFDS data dir holding the set as name/version, named by tfds_name.
+    shutil.copytree(out, tmp_path / "tfds" / "ov3_imagefolder" / "1.0.0")
+    named, _ = _batches(str(tmp_path / "tfds"), "val", source="tfds",
+                        tfds_name="ov3_imagefolder:1.0.0",
+                        tokenizer=os.path.join(out, "tokenizer.json"))
+    assert len(named) == len(expected)
+    with pytest.raises(Ov3Error, match="not a feature"):
+        _batches(out, "val", source="tfds", text_key="nope")
+    with pytest.raises(Ov3Error, match="has no such int field"):
+        _batches(out, "val", label_key="class")
+    with pytest.raises(Ov3Error, match="cannot open the TFDS"):
+        _batches(str(tmp_path), "val", source="tfds", tokenizer=os.path.join(out, "tokenizer.json"))
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    root = tmp_path / "in"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for j in range(6):
+            (root / c / f"{j}.png").write_bytes(_image(j + (10 if c == "b" else 0)))
+    out = str(tmp_path / "out")
+    reader = convert_inputs.ImageFolder.open(str(root))
+    real_read = convert_inputs.ImageFolder.read
+
+    def crash_in_second_shard(self, task, tick, stats):
+        for n, item in enumerate(real_read(self, task, tick, stats)):
+            if task[0] != reader.files[0] and n == 2:
+                raise KeyboardInterrupt  # killed half way through shard 1
+            yield item
+
+    monkeypatch.setattr(convert_inputs.ImageFolder, "read", crash_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(reader, out, "train", num_shards=3, workers=1, show_progress=False)
+    work = os.path.join(out, ".work-train")
+    assert os.path.exists(os.path.join(work, "00000", "done.json"))
+    assert not os.path.exists(os.path.join(work, "00001", "done.json"))
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    monkeypatch.setattr(convert_inputs.ImageFolder, "read", real_read)
+    with pytest.raises(Ov3Error, match="other settings"):  # a different plan is refused
+        convert.convert(reader, out, "train", num_shards=2, workers=1, show_progress=False)
+    redone = []
+
+    def record(self, task, tick, stats):
+        redone.append(task)
+        yield from real_read(self, task, tick, stats)
+
+    monkeypatch.setattr(convert_inputs.ImageFolder, "read", record)
+    m = convert.convert(reader, out, "train", num_shards=3, workers=1, show_progress=False)
+    assert redone == reader.shard_tasks(3)[1:]  # shard 0 was kept, 1 redone, 2 done
+    keys = [f["key"].decode() for f, _ in _records(out)]
+    assert sorted(keys) == sorted(rel for rel, _ in reader.files) and len(set(keys)) == 12
+    assert m["splits"]["train"]["shard_lengths"] == [4, 4, 4]
+    assert not os.path.exists(work)
+
+
+def test_one_job_per_split(tmp_path):
+    from ov3.data import resumable
+    job = resumable.ShardedJob(str(tmp_path), "train", 2, {"format": "x"})
+    with pytest.raises(Ov3Error, match="writing the same split"):
+        resumable.ShardedJob(str(tmp_path), "train", 2, {"format": "x"})
+    job.release()
+    resumable.ShardedJob(str(tmp_path), "train", 2, {"format": "x"}).release()
