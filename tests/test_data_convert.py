@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ov3.data import convert, convert_inputs, pipeline, records, records_extra
+from ov3.data import convert, convert_inputs, pipeline, records
 from ov3.data.tokenizer import train_wordpiece
 from ov3.errors import Ov3Error
 
@@ -41,7 +41,7 @@ def _tar(path, members):
 
 def _records(out, split="train"):
     src = grain.sources.ArrayRecordDataSource(records.split_files(out, split))
-    return [(records.parse_example(src[i]), records_extra.parse_ints(src[i]))
+    return [(records.parse_example(src[i]), records.parse_ints(src[i]))
             for i in range(len(src))]
 
 

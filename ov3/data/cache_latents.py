@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ov3.data import decode, pipeline, records, records_extra, resumable
+from ov3.data import decode, pipeline, records, resumable
 from ov3.errors import Ov3Error
 
 FORMAT = "ov3.latent_cache/1"
@@ -102,7 +102,7 @@ class _Load:
             fields = records.parse_example(record)
             out = {"key": fields["key"], "alt_text": fields["alt_text"],
                    "caption": fields["caption"]}
-            ints = records_extra.parse_ints(record)
+            ints = records.parse_ints(record)
             img = decode.decode_image(fields["image"], max_pixels=self.max_pixels,
                                       min_side=self.min_side, draft_side=self.size)
         except (ValueError, KeyError):
@@ -146,7 +146,7 @@ def _encode_shards(job: resumable.ShardedJob, files: list[str], vae, *, image_si
         if i not in todo:
             bar.update(len(src))
             continue
-        writer = records_extra.SplitWriter(*job.writer_args(i), validate=False)
+        writer = records.SplitWriter(*job.writer_args(i), validate=False)
         rows = iter(grain.MapDataset.source(src).map(load).to_iter_dataset(
             grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * padded)))
         while True:
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> dict:
                              max_pixels=args.max_pixels, min_side=args.min_side)
     bar.close()
     if "classes" in kept:
-        records_extra.add_class_label(args.out, kept["classes"])
+        records.add_class_label(args.out, kept["classes"])
     tok = os.path.join(args.data, "tokenizer.json")
     if os.path.exists(tok):
         shutil.copyfile(tok, os.path.join(args.out, "tokenizer.json"))

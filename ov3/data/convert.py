@@ -40,7 +40,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ov3.data import decode, records, records_extra, resumable
+from ov3.data import decode, records, resumable
 from ov3.data.convert_inputs import (Bad, ImageFolder, Stats, Table, WebDataset,
                                      expand_inputs)
 from ov3.errors import Ov3Error
@@ -81,7 +81,7 @@ def _convert_shard(i: int, task: Any, sink=None) -> int:
     """Writes output shard i from `task` and marks it done; returns i."""
     reader, job = _WORKER["reader"], _WORKER["job"]
     tick = _Ticker(sink or _WORKER["sink"])
-    writer = records_extra.SplitWriter(*job.writer_args(i), max_pixels=_WORKER["max_pixels"])
+    writer = records.SplitWriter(*job.writer_args(i), max_pixels=_WORKER["max_pixels"])
     stats, seen = Stats(), set()
     sources: dict[str, dict[str, int]] = {"alt_text": {}, "caption": {}}
     for item in reader.read(task, tick, stats):
@@ -137,7 +137,7 @@ def convert(reader, out: str, split: str, *, num_shards: int, workers: int,
         manifest = resumable.merge_metadata(out, split, entry, name=name,
                                             description=description, extra=extra)
         if classes is not None:
-            records_extra.add_class_label(out, classes)
+            records.add_class_label(out, classes)
         job.cleanup()
     finally:
         job.release()

@@ -85,7 +85,7 @@ from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from ov3.data import decode, records, records_extra
+from ov3.data import decode, records
 from ov3.data.tokenizer import Tokenizer
 from ov3.errors import Ov3Error
 
@@ -197,7 +197,7 @@ class Preprocess:
             else:
                 fields = records.parse_example(record)
                 if self.label_key:
-                    fields.update(records_extra.parse_ints(record))
+                    fields.update(records.parse_ints(record))
                 keys = (self.image_key, self.text_key, self.caption_key, self.label_key)
             raw = (fields[keys[0]], fields[keys[1]], fields[keys[2]])
             if self.label_key:

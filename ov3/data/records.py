@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from array_record.python import array_record_module
 
@@ -57,14 +57,30 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def serialize_example(features: Mapping[str, bytes | str]) -> bytes:
-    """{name: bytes or str} → serialized tf.train.Example of scalar bytes features."""
+def serialize_example(features: Mapping[str, bytes | str | int]) -> bytes:
+    """{name: bytes, str or int} -> serialized tf.train.Example of scalar features (ints as int64,
+    e.g. a class label, which TFDS reads as a ClassLabel)."""
     entries = b""
+    ints = {k: v for k, v in features.items() if isinstance(v, int)}
     for name, value in sorted(features.items()):
+        if name in ints:
+            continue
         if isinstance(value, str):
             value = value.encode("utf-8")
         feature = _field(1, _field(1, value))  # Feature.bytes_list.value[0]
         entries += _field(1, _field(1, name.encode("utf-8")) + _field(2, feature))
+    # Protobuf parses concatenated messages as their merge: the int64 features can follow as a
+    # second `Features` and the result is still one valid tf.train.Example.
+    return _field(1, entries) + (_int64_features(ints) if ints else b"")
+
+
+def _int64_features(ints: Mapping[str, int]) -> bytes:
+    """Features{feature: {name: Feature{int64_list: Int64List{value: [v] (packed)}}}}."""
+    entries = b""
+    for name, value in sorted(ints.items()):
+        packed = _varint(int(value) & 0xFFFF_FFFF_FFFF_FFFF)  # two's complement
+        feature = _field(3, _field(1, packed))  # Feature.int64_list = 3
+        entries += _field(1, _field(1, name.encode()) + _field(2, feature))
     return _field(1, entries)
 
 
@@ -131,6 +147,30 @@ def parse_example(data: bytes) -> dict[str, bytes]:
 
 # --- writing -----------------------------------------------------------------------
 
+def parse_ints(data: bytes) -> dict[str, int]:
+    """Serialized tf.train.Example → {name: first int64 value}; ValueError if malformed."""
+    out: dict[str, int] = {}
+    try:
+        for f, feats in _fields(memoryview(data)):
+            for f2, entry in _fields(feats) if f == 1 else ():
+                name, value = None, None
+                for f3, part in _fields(entry) if f2 == 1 else ():
+                    if f3 == 1:
+                        name = bytes(part).decode("utf-8")
+                    elif f3 == 2:
+                        for f4, ilist in _fields(part):
+                            if f4 == 3:  # int64_list; its values are packed (proto3 default)
+                                for f5, packed in _fields(ilist):
+                                    if f5 == 1 and len(packed):
+                                        v, _ = _read_varint(packed, 0)
+                                        value = v - (1 << 64) if v >= 1 << 63 else v
+                if name is not None and value is not None:
+                    out[name] = value
+    except (IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed tf.train.Example: {e}") from e
+    return out
+
+
 class SplitWriter:
     """Writes one split of a dataset folder; call `write` per example, then `close`.
 
@@ -157,8 +197,8 @@ class SplitWriter:
     def _tmp_path(self, i: int) -> str:
         return os.path.join(self._dir, f".{self._split}-{i:05d}.array_record.tmp")
 
-    def write(self, key: str, image: bytes, alt_text: str | bytes,
-              caption: str | bytes) -> str | None:
+    def write(self, key: str, image: bytes, alt_text: str | bytes, caption: str | bytes,
+              extra: Mapping[str, bytes | str | int] | None = None) -> str | None:
         """Stores one example; returns None, or the skip reason if it was left out."""
         if self._validate:
             try:
@@ -169,7 +209,7 @@ class SplitWriter:
                 self.skipped[s.reason] = self.skipped.get(s.reason, 0) + 1
                 return s.reason
         record = serialize_example(
-            {"key": key, "image": image, "alt_text": alt_text, "caption": caption})
+            {"key": key, "image": image, "alt_text": alt_text, "caption": caption, **(extra or {})})
         shard = self._count % self._n
         self._writers[shard].write(record)
         self._lengths[shard] += 1
@@ -263,3 +303,21 @@ def split_files(path: str, split: str) -> list[str]:
     if missing:
         raise Ov3Error(f"Dataset {path} lists shards that are missing: {missing[:3]}...")
     return files
+
+
+def add_class_label(out_dir: str, names: Sequence[str], feature: str = "label") -> None:
+    """Declares the int64 `feature` as a TFDS ClassLabel in the folder's features.json.
+
+    Call after `write_metadata` (which writes the four standard features only).
+    TFDS reads the class names from `<feature>.labels.txt`, one a line.
+    """
+    path = os.path.join(out_dir, "features.json")
+    with open(path) as f:
+        spec = json.load(f)
+    spec["featuresDict"]["features"][feature] = {
+        "pythonClassName":
+            "tensorflow_datasets.core.features.class_label_feature.ClassLabel",
+        "classLabel": {"numClasses": str(len(names))}}
+    _write_json(path, spec)
+    with open(os.path.join(out_dir, f"{feature}.labels.txt"), "w") as f:
+        f.write("".join(n + "\n" for n in names))
