@@ -1,0 +1,342 @@
+"""The understanding evaluators: `retrieval`, `zero_shot` and `linear_probe`.
+
+    config.evals.ret = dict(type="retrieval", every=1000)                  # R@1/5/10 both ways
+    config.evals.zs = dict(type="zero_shot", split="val", classnames="imagenet")
+    config.evals.probe = dict(type="linear_probe", train_split="train", split="val")
+
+Texts are compared as the model sees them, i.e. as token ids: two examples whose text
+field tokenizes the same have the same text. That is how
+  * retrieval handles repeated alt-texts (the demo's held-out split repeats "a red
+    circle"): the gallery holds each distinct text once, an image's hit is its text, a
+    text's hit is any image that has it;
+  * zero-shot and the probe find labels: an int label field when the dataset has one
+    (`python -m ov3.data.convert imagefolder` writes `label` and lists the class names
+    in its manifest, which are then the default `classnames`), else the class whose name
+    tokenizes like the example's `text_key` field (that converter stores the class name
+    as alt-text and caption too).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ov3 import sharding
+from ov3.errors import Ov3Error
+from ov3.evals import imagenet_classes
+from ov3.evals import linear_probe as probe_lib
+from ov3.evals import metrics as metrics_lib
+from ov3.evals.base import Context, Evaluator, host, register
+
+TEMPLATE_SETS = {"openai": imagenet_classes.OPENAI_TEMPLATES,
+                 "simple": imagenet_classes.SIMPLE_TEMPLATES}
+FEATURES = ("pooled", "tokens_mean")
+
+
+# ----------------------------------------------------------------------------- ranking
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _sim(img: jax.Array, txt: jax.Array) -> jax.Array:
+    # HIGHEST: TPU/GPU default float32 matmuls round to bf16/TF32, enough to reorder near ties.
+    return jnp.matmul(img, txt.T, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.jit
+def _ranks_by_image(img, txt, group):
+    """Per image row: its true text's score and how many texts score strictly higher."""
+    sim = _sim(img, txt)
+    true = jnp.take_along_axis(sim, group[:, None], axis=1)[:, 0]
+    return true, (sim > true[:, None]).sum(axis=1)
+
+
+@jax.jit
+def _ranks_by_text(img, txt, group, valid, best):
+    """Per text: how many images without that text beat the text's best own image."""
+    sim = _sim(img, txt)
+    negative = (group[:, None] != jnp.arange(txt.shape[0])[None, :]) & valid[:, None]
+    return ((sim > best[None, :]) & negative).sum(axis=0)
+
+
+def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, image_text: np.ndarray,
+                ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
+    """Image->text and text->image recall@K, each image having one true text and each text
+    one or more images (`image_text[i]` = the text of image i; every text has an image).
+
+    Image->text: a hit when the image's text is among the K best texts. Text->image: a
+    hit when any of the text's images is among the K best images. Ties count as hits, as
+    in `metrics.retrieval_recall`, which this equals when texts and images pair 1:1.
+    Image rows go in blocks of `chunk`, bounding memory to chunk x texts floats.
+    """
+    img, txt = _normalize(image_emb), jnp.asarray(_normalize(text_emb))
+    group = np.asarray(image_text, np.int32).reshape(-1)
+    n_img, n_txt = img.shape[0], txt.shape[0]
+    if group.shape[0] != n_img or group.min() < 0 or group.max() >= n_txt or np.unique(group).size != n_txt:
+        raise ValueError(f"recall_at_k: image_text must give each of the {n_img} images a text in "
+                         f"[0, {n_txt}) and each text an image")
+    chunk = min(chunk, n_img)
+    pad = -n_img % chunk  # equal blocks: one compiled program, the same sums in both passes
+    img = np.concatenate([img, np.zeros((pad, img.shape[1]), np.float32)])
+    valid = np.arange(n_img + pad) < n_img
+    group_p = np.concatenate([group, np.zeros((pad,), np.int32)])
+    blocks = [slice(s, s + chunk) for s in range(0, n_img + pad, chunk)]
+    trues, i2t = zip(*(_ranks_by_image(img[b], txt, group_p[b]) for b in blocks))
+    true = np.concatenate([np.asarray(t) for t in trues])[:n_img]
+    i2t_rank = np.concatenate([np.asarray(r) for r in i2t])[:n_img]
+    best = np.full((n_txt,), -np.inf, np.float32)
+    np.maximum.at(best, group, true)
+    t2i_rank = sum(np.asarray(_ranks_by_text(img[b], txt, group_p[b], valid[b], best)) for b in blocks)
+    out = {}
+    for k in ks:
+        out[f"i2t_R@{k}"] = float((i2t_rank < k).mean())
+        out[f"t2i_R@{k}"] = float((t2i_rank < k).mean())
+    return out
+
+
+# ------------------------------------------------------------------------------ labels
+
+class TextLabels:
+    """Token-id rows -> class index: the class whose name tokenizes the same, else -1.
+    Classes with the same tokens (ImageNet's two "missile"s) map to the first one; their
+    text embeddings are equal too, and `zero_shot_topk` counts the tie as a hit."""
+
+    def __init__(self, class_rows: np.ndarray):
+        self.num_classes = len(class_rows)
+        self._index: dict[bytes, int] = {}
+        for i, row in enumerate(np.asarray(class_rows, np.int32)):
+            self._index.setdefault(row.tobytes(), i)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int32)
+        return np.array([self._index.get(r.tobytes(), -1) for r in rows], np.int32)
+
+
+def _unique_rows(rows: np.ndarray) -> np.ndarray:
+    """Distinct rows in order of first appearance."""
+    _, first = np.unique(rows, axis=0, return_index=True)
+    return rows[np.sort(first)]
+
+
+def _check_str_list(value: Any, key: str, allowed: Sequence[str]) -> list[str]:
+    if isinstance(value, str):
+        return [] if value in allowed else [f"{key}={value!r}: use one of {list(allowed)} or a list of strings"]
+    if not value or not all(isinstance(v, str) and v.strip() for v in value):
+        return [f"{key}={value!r}: give a non-empty list of non-empty strings"]
+    return []
+
+
+def _check_ks(spec: dict[str, Any]) -> list[str]:
+    ks = spec["ks"]
+    if not ks or not all(isinstance(k, int) and k > 0 for k in ks):
+        return [f"ks={ks!r}: give positive ints, e.g. (1, 5, 10)"]
+    return []
+
+
+class _Understanding(Evaluator):
+    """Shared by the three: the image predict, texts through the text tower, labels."""
+
+    NEEDS = ("encode_image",)
+    STR_OR_LIST = ("classnames", "templates")
+
+    def __init__(self, name: str, spec: dict[str, Any], ctx: Context):
+        super().__init__(name, spec, ctx)
+        fns = ctx.fns
+
+        def predict(params, frozen, batch):
+            pooled, tokens = fns.encode_image(params, frozen, batch)
+            out = {"pooled": pooled.astype(jnp.float32),
+                   "tokens_mean": tokens.astype(jnp.float32).mean(axis=1),
+                   "ids": batch["text"]}
+            if "label" in batch:
+                out["label"] = batch["label"]
+            return out
+
+        # Shared by every understanding evaluator of this context: compiled once per batch shape.
+        self.predict_images = ctx.once("predict_images", lambda: self.jit_predict(predict))
+        if fns.encode_text is not None:
+            self._embed = ctx.once("embed_text", lambda: self.jit(
+                lambda params, ids: fns.encode_text(params, ids).astype(jnp.float32)))
+
+    def embed_texts(self, params: Any, ids: np.ndarray) -> np.ndarray:
+        """Token ids `[N, L]` (host) -> text embeddings `[N, E]`, in sharded batches."""
+        bs = self.batch_size
+        padded = np.concatenate([ids, np.zeros((-len(ids) % bs, ids.shape[1]), ids.dtype)])
+        batch_sharding = sharding.batch_sharding(self.ctx.mesh)
+        out = []
+        for start in range(0, len(padded), bs):
+            block = padded[start:start + bs]
+            arr = jax.make_array_from_callback(block.shape, batch_sharding, lambda idx, b=block: b[idx])
+            out.append(host(self.call(self._embed, params, arr)))
+        return np.concatenate(out)[:len(ids)]
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        return self.ctx.tokenizer.encode_batch([t.strip() for t in texts], self.ctx.cfg.data.text_len)
+
+    def setup_labels(self, spec: dict[str, Any]) -> None:
+        """Where labels come from: the int field (`label_key`, default: the dataset's), else
+        the class whose name matches the `text_key` text; class names from `classnames`,
+        default: the dataset manifest's `classes`."""
+        manifest = self.manifest()
+        self.label_key = spec["label_key"] or manifest.get("label_key", "")
+        self.text_key = spec["text_key"] or self.ctx.cfg.data.text_key
+        names = spec["classnames"] or manifest.get("classes") or ()
+        self.classnames = list(imagenet_classes.CLASSNAMES if names == "imagenet" else names)
+        self.mapping = TextLabels(self.tokenize(self.classnames)) if self.classnames else None
+
+    def labelled(self, params: Any, frozen: Any, split: str, max_examples: int = -1) -> dict[str, np.ndarray]:
+        return self.collect(self.predict_images, params, frozen, split=split, text_key=self.text_key,
+                            label_key=self.label_key, max_examples=max_examples)
+
+    def labels(self, out: dict[str, np.ndarray], mapping: TextLabels | None, split: str) -> np.ndarray:
+        if "label" in out:
+            labels = out["label"].astype(np.int32)
+            if self.classnames and labels.max() >= len(self.classnames):
+                raise Ov3Error(f"{self.key('classnames')}: split {split!r} has label {labels.max()} but "
+                               f"there are {len(self.classnames)} class names; list them all, in label order.")
+            return labels
+        if mapping is None:
+            raise Ov3Error(f"{self.key('classnames')} is empty and {self.data_config().path} has no "
+                           f"int labels nor class list: give the class names in label order "
+                           f"(or 'imagenet').")
+        labels = mapping(out["ids"])
+        bad = np.flatnonzero(labels < 0)
+        if bad.size:
+            shown = [self.ctx.tokenizer.decode(out["ids"][i]) for i in bad[:3]]
+            raise Ov3Error(f"{self.key('classnames')}: {bad.size} of {len(labels)} examples of split "
+                           f"{split!r} have a {self.text_key!r} text that is no class name, e.g. {shown}; "
+                           f"list every class as the records store it, or set {self.key('text_key')} to "
+                           "the field that holds the class name.")
+        return labels
+
+
+@register("retrieval")
+class Retrieval(_Understanding):
+    KEYS = {
+        "text_key": "",          # record field to retrieve ("caption"...), cut to config.data.text_len
+                                 # tokens like in training; "": config.data.text_key (alt-text)
+        "ks": (1, 5, 10),
+    }
+    NEEDS = ("encode_image", "encode_text")
+
+    @classmethod
+    def check(cls, spec):
+        return _check_ks(spec)
+
+    def __init__(self, name: str, spec: dict[str, Any], ctx: Context):
+        super().__init__(name, spec, ctx)
+        self.text_key = spec["text_key"] or ctx.cfg.data.text_key
+
+    def run(self, params: Any, frozen: Any) -> dict[str, float]:
+        out = self.collect(self.predict_images, params, frozen, text_key=self.text_key)
+        # The same tokens are the same text: embed each distinct one once.
+        _, first, group = np.unique(out["ids"], axis=0, return_index=True, return_inverse=True)
+        texts = self.embed_texts(params, out["ids"][first])
+        result = recall_at_k(out["pooled"], texts, group.reshape(-1), tuple(self.spec["ks"]))
+        result.update(num_images=float(len(group)), num_texts=float(len(first)))
+        return result
+
+
+LABEL_KEYS = {
+    "label_key": "",        # int label field; "": the dataset's (manifest), else labels from text
+    "text_key": "",         # field holding the class name when there is no int label; "": config.data.text_key
+}
+
+
+@register("zero_shot")
+class ZeroShot(_Understanding):
+    KEYS = {
+        "classnames": "",       # in label order: a list, "imagenet" (ov3.evals.imagenet_classes),
+                                # "": the dataset manifest's `classes`
+        "templates": "openai",  # "openai" (80 CLIP prompts), "simple" (7), or a list with "{}"
+        **LABEL_KEYS,
+        "ks": (1, 5),
+    }
+    NEEDS = ("encode_image", "encode_text")
+
+    @classmethod
+    def check(cls, spec):
+        errors = _check_ks(spec)
+        if spec["classnames"]:
+            errors += _check_str_list(spec["classnames"], "classnames", ("imagenet",))
+        errors += _check_str_list(spec["templates"], "templates", tuple(TEMPLATE_SETS))
+        if not isinstance(spec["templates"], str):
+            errors += [f"templates: {t!r} has no '{{}}' for the class name"
+                       for t in spec["templates"] if "{}" not in t]
+        return errors
+
+    def __init__(self, name: str, spec: dict[str, Any], ctx: Context):
+        super().__init__(name, spec, ctx)
+        self.setup_labels(spec)
+        if not self.classnames:
+            raise Ov3Error(f"{self.key('classnames')} is empty and {self.data_config().path} lists no "
+                           "classes: give the class names in label order, or 'imagenet'.")
+        templates = spec["templates"]
+        self.templates = list(TEMPLATE_SETS[templates] if isinstance(templates, str) else templates)
+        self.prompt_ids = self.tokenize([t.format(c) for c in self.classnames for t in self.templates])
+
+    def class_embeddings(self, params: Any) -> np.ndarray:
+        """Per class: the mean of its normalised prompt embeddings (CLIP's ensembling)."""
+        emb = _normalize(self.embed_texts(params, self.prompt_ids))
+        return emb.reshape(len(self.classnames), len(self.templates), -1).mean(axis=1)
+
+    def run(self, params: Any, frozen: Any) -> dict[str, float]:
+        classes = self.class_embeddings(params)
+        out = self.labelled(params, frozen, self.split)
+        labels = self.labels(out, self.mapping, self.split)
+        acc = metrics_lib.zero_shot_topk(out["pooled"], classes, labels, ks=tuple(self.spec["ks"]))
+        return {**{k: float(v) for k, v in acc.items()}, "num_images": float(len(labels))}
+
+
+@register("linear_probe")
+class LinearProbe(_Understanding):
+    KEYS = {
+        "train_split": "",        # fit on this split; "": config.data.train_split (`split` is the test)
+        "max_train_examples": 0,  # 0: the whole train split
+        "classnames": "",         # label order; "": the manifest's `classes`, else the train split's texts
+        **LABEL_KEYS,
+        "features": FEATURES,     # pooled embedding and/or the mean of the tokens z_u
+        "l2": 1e-4,
+        "max_iters": 1000,
+    }
+
+    @classmethod
+    def check(cls, spec):
+        errors = []
+        if spec["classnames"]:
+            errors += _check_str_list(spec["classnames"], "classnames", ("imagenet",))
+        bad = [f for f in spec["features"] if f not in FEATURES]
+        if bad or not spec["features"]:
+            errors.append(f"features={spec['features']!r}: use a non-empty subset of {FEATURES}")
+        if spec["l2"] < 0 or spec["max_iters"] <= 0 or spec["max_train_examples"] < 0:
+            errors.append("l2, max_iters, max_train_examples: need l2 >= 0, max_iters > 0, "
+                          "max_train_examples >= 0")
+        return errors
+
+    def __init__(self, name: str, spec: dict[str, Any], ctx: Context):
+        super().__init__(name, spec, ctx)
+        self.train_split = spec["train_split"] or ctx.cfg.data.train_split
+        self.check_split(self.train_split, "train_split")
+        self.setup_labels(spec)
+
+    def run(self, params: Any, frozen: Any) -> dict[str, float]:
+        s = self.spec
+        train = self.labelled(params, frozen, self.train_split, int(s["max_train_examples"]))
+        test = self.labelled(params, frozen, self.split)
+        # No class list and no int labels: the classes are the train split's distinct texts.
+        mapping = self.mapping or (None if "label" in train else TextLabels(_unique_rows(train["ids"])))
+        train_y = self.labels(train, mapping, self.train_split)
+        test_y = self.labels(test, mapping, self.split)
+        num_classes = len(self.classnames) or (mapping.num_classes if mapping else None)
+        result = {"num_train": float(len(train_y)), "num_test": float(len(test_y))}
+        for feature in s["features"]:
+            r = probe_lib.linear_probe(train[feature], train_y, test[feature], test_y,
+                                       num_classes=num_classes, l2=float(s["l2"]),
+                                       max_iters=int(s["max_iters"]))
+            result.update({f"{feature}/test_top1": r["test_top1"], f"{feature}/train_top1": r["train_top1"]})
+        return result
