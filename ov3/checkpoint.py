@@ -123,18 +123,19 @@ def _data_state_for_this_layout(data_dir: pathlib.Path) -> dict[str, Any]:
             "process_index": here, "process_count": now}
 
 
-def check_free_space(checkpointer: Checkpointer, abstract_state: Any, keep: int) -> None:
+def check_free_space(workdir: pathlib.Path, abstract_state: Any, keep: int) -> None:
     """Raise before anything compiles if the workdir cannot hold this run's checkpoints: up to
     `keep` of them plus the one being written (fewer if some are already there)."""
     one = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-    more = max(keep + 1 - len(checkpointer.manager.all_steps()), 1)
-    free = shutil.disk_usage(checkpointer.directory).free
+    directory = pathlib.Path(workdir) / "checkpoints"
+    present = sum(p.name.isdigit() for p in directory.iterdir()) if directory.is_dir() else 0
+    more = max(keep + 1 - present, 1)
+    free = shutil.disk_usage(workdir).free
     if free < one * more:
         gib = 2 ** 30
-        raise Ov3Error(f"workdir {checkpointer.directory.parent} has {free / gib:.3g} GiB free, but this run's "
-                       f"checkpoints need {one * more / gib:.3g} GiB ({more} x {one / gib:.3g} GiB with "
-                       f"keep_checkpoints={keep}); free space there, pick another --workdir, or lower "
-                       "config.keep_checkpoints.")
+        raise Ov3Error(f"workdir {workdir} has {free / gib:.3g} GiB free, but this run's checkpoints need "
+                       f"{one * more / gib:.3g} GiB ({more} x {one / gib:.3g} GiB with keep_checkpoints={keep}); "
+                       "free space there, pick another --workdir, or lower config.keep_checkpoints.")
 
 
 def _flat(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.nonfinite = "stop"        # "stop": end the run at a non-finite loss/grad; "skip": drop that update
     c.recon_grid_every = 0      # write a PNG grid of held-out reconstructions every N steps (0: at the end)
+    c.init_from = ""            # new stage: params from this run dir's latest checkpoint (or DIR/checkpoints/STEP),
+                                # position embeddings resized, fresh optimizer, step 0 (ov3/stages.py)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
@@ -107,5 +109,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 lookup(cfg.model[key], f"model.{key}")
             except Ov3Error as e:
                 errors.append(str(e))
+    from ov3.evals import evaluators  # each config.evals entry: type, keys, values
+    errors.extend(evaluators.config_errors(cfg))
     if errors:
         raise Ov3Error("invalid config:\n  " + "\n  ".join(errors))

@@ -7,7 +7,9 @@ Restarting with the same DIR resumes from its latest checkpoint. Mistakes a user
 from __future__ import annotations
 
 import difflib
+import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -52,7 +54,23 @@ def main(argv: list[str]) -> None:
         train.train(_CONFIG.value, _WORKDIR.value)
     except Ov3Error as e:
         print(f"ov3: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_now(2)
+    except Exception:  # noqa: BLE001 - a bug or a lost peer: the traceback, then out (see exit_now)
+        traceback.print_exc()
+        exit_now(1)
+
+
+def exit_now(code: int) -> None:
+    """Exit with `code`. One of several processes leaves at once: a normal exit would wait in
+    jax.distributed's shutdown barrier for the processes still training (which in turn wait for
+    this one), so the failure would show only minutes later, as a timeout. The launcher or
+    scheduler sees the exit and stops the others."""
+    import jax
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ is sharded over `data` and `fsdp` together. Nothing outside this file names a me
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -113,18 +114,73 @@ def shardings_from_logical(abstract_boxed: Any, mesh: Mesh) -> Any:
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None, timeout_s: int = 300) -> None:
-    """`jax.distributed.initialize` when this is one of several processes (env or arguments);
-    on TPU pods and SLURM JAX discovers the coordinator itself."""
+                                 process_id: int | None = None, timeout_s: int | None = None) -> None:
+    """`jax.distributed.initialize` when this is one of several processes.
+
+    Arguments win over the environment: JAX_COORDINATOR_ADDRESS (host:port of process 0),
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID (what launch/local.sh sets) and JAX_INIT_TIMEOUT_S
+    (default 300). On TPU pods and SLURM JAX discovers the coordinator itself.
+
+    Joining that does not finish within the timeout (the coordinator never came up, or a
+    process never joined) prints one message naming the address and exits with status 2:
+    jax aborts the process from C++ on that timeout, with no Python exception to catch, so a
+    watchdog fires just before it does.
+    """
     import os
-    multi = num_processes is not None or any(
-        k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"))
+    import sys
+    import threading
+
+    def env_int(name: str, given: int | None) -> int | None:
+        if given is not None or not os.environ.get(name):
+            return given
+        try:
+            return int(os.environ[name])
+        except ValueError:
+            raise Ov3Error(f"{name}={os.environ[name]!r} must be an integer.") from None
+
+    num_processes = env_int("JAX_NUM_PROCESSES", num_processes)
+    process_id = env_int("JAX_PROCESS_ID", process_id)
+    timeout_s = env_int("JAX_INIT_TIMEOUT_S", timeout_s) or 300
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    multi = num_processes is not None or coordinator is not None or any(
+        k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"))
     if not multi or jax.distributed.is_initialized():
         return
+    if num_processes is not None and coordinator is None:
+        raise Ov3Error(f"JAX_NUM_PROCESSES={num_processes} but no coordinator: set JAX_COORDINATOR_ADDRESS "
+                       "to host:port of process 0 (launch/local.sh does this for one machine).")
+    addr = coordinator or "<auto-detected>"
+    who = f"process {process_id} of {num_processes}" if process_id is not None else "this process"
+
+    def give_up() -> None:
+        sys.stdout.flush()
+        print(f"ov3: error: {who} could not join the JAX coordinator at {addr} within {timeout_s}s "
+              "(JAX_INIT_TIMEOUT_S): check that process 0 is running, that every process got the same "
+              "address and process count, and that the port is reachable.", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
     try:
+        # jax's own deadline comes later than the watchdog, so the message above is what users see.
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout_s)
+                                   process_id=process_id, initialization_timeout=timeout_s + 30)
     except Exception as e:  # noqa: BLE001 - surface the address instead of a deep gRPC error
-        addr = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "<auto-detected>")
-        raise Ov3Error(f"could not join the JAX coordinator at {addr} within {timeout_s}s ({e}). "
+        raise Ov3Error(f"{who} could not join the JAX coordinator at {addr} ({e}). "
                        "Check that process 0 is running and the address/port is reachable.") from e
+    finally:
+        watchdog.cancel()
+
+
+_SYNCS = itertools.count()  # every process calls sync_processes in the same order: same ids
+
+
+def sync_processes(name: str, timeout_s: int = 1800) -> None:
+    """Block until every process gets here: a barrier in jax.distributed's coordination service,
+    no device collective. Call it before the first run of a freshly compiled program: CPU
+    collectives (gloo) fail when processes reach one more than 30 s apart, which compile-time
+    differences between processes (cache hits, a busy host) easily make."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+        multihost.get_barrier_sync_fn()(key=f"ov3_{name}_{next(_SYNCS)}", timeout_ms=timeout_s * 1000)

@@ -11,7 +11,9 @@ inside this one program.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import platform
 import shutil
 import signal
 import time
@@ -28,7 +30,8 @@ import optax
 from ov3 import checkpoint as ckpt_lib
 from ov3 import config as config_lib
 from ov3 import metrics as metrics_lib
-from ov3 import sharding
+from ov3 import perf, sharding
+from ov3.tools import flops as flops_lib
 from ov3.errors import Ov3Error
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -82,8 +85,9 @@ class Trainer:
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
         self._boxed_state = boxed_state
+        key = jax.random.key(cfg.seed)  # outside the mesh: a concrete op there needs addressable devices
         with self.context():
-            abstract = jax.eval_shape(boxed_state, jax.random.key(cfg.seed))
+            abstract = jax.eval_shape(boxed_state, key)
         self.state_shardings = sharding.shardings_from_logical(abstract, mesh)
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -117,7 +121,8 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The update too: a finite gradient can still give a non-finite update (a NaN learning rate).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
         # A non-finite step leaves params and optimizer untouched ("stop" ends the run after
         # it, "skip" goes on): the state never holds a NaN, so neither does any checkpoint.
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
@@ -144,7 +149,8 @@ def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{jax.process_index()}"
+        # Named without jax.process_index(): that would start the backend before jax.distributed.
+        probe = path / f".write_test_{platform.node()}_{os.getpid()}"
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
     except OSError as e:
@@ -214,7 +220,7 @@ def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, 
     from PIL import Image
     with trainer.context():
         recon = jax.jit(trainer.task.reconstruct)(state.params, frozen, images)
-    grid = metrics_lib.image_grid([np.asarray(jax.device_get(images)), np.asarray(jax.device_get(recon))])
+    grid = metrics_lib.image_grid([to_host(images), to_host(recon)])
     path = workdir / f"reconstructions_{step:06d}.png"
     if jax.process_index() == 0:
         Image.fromarray(grid).save(path)
@@ -228,35 +234,46 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     config_lib.validate(cfg)
     workdir = prepare_workdir(workdir)
     sharding.maybe_initialize_distributed()
+    stop = StopSignal()  # after jax.distributed (which installs its own SIGTERM handler), before the slow parts
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.batch_size, mesh)
     task, tokenizer = build_task(cfg)
     trainer = Trainer(cfg, mesh, task)
+    from ov3.evals import evaluators  # config.evals, built (weights loaded, splits checked) before compiling
+    evals = evaluators.from_config(cfg, trainer, tokenizer)
     data = pipeline.make_iterator(cfg.data, mesh=mesh, global_batch_size=cfg.batch_size,
                                   image_size=cfg.image_size, split="train", train=True, seed=cfg.seed,
                                   tokenizer=tokenizer)
+    ckpt_lib.check_free_space(workdir, trainer.abstract_state, cfg.keep_checkpoints)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
     save_config(cfg, workdir, tokenizer)
 
     start = checkpointer.latest_step()
     if start is None:
         state, start = trainer.init_state(), 0
+        if cfg.init_from:  # a new stage: params from another run, fresh optimizer (ov3/stages.py)
+            from ov3 import stages
+            state = stages.init_from(trainer, state, cfg.init_from)
     else:
         state = checkpointer.restore(start, trainer.abstract_state, data)
         print(f"resumed from {checkpointer.directory / str(start)}", flush=True)
     frozen = trainer.put_frozen(task.frozen_params())
     writer = metrics_lib.MetricWriter(workdir)
-    stop = StopSignal()
 
     batch = next(data)
     t_compile = time.time()
     compiled = trainer.compile(state, frozen, batch)
     print(f"compiled the train step in {time.time() - t_compile:.1f}s; "
           f"memory per device: {describe_memory(compiled)}", flush=True)
+    sharding.sync_processes("compiled")  # processes start stepping together
+    # Analytic model FLOPs (not compiled.cost_analysis(): it counts a scanned block stack once).
+    step_flops = flops_lib.train_flops_per_example(
+        flops_lib.task_costs(cfg, task, cached_latents="latent" in batch)) * cfg.batch_size
 
     progress = metrics_lib.Progress(cfg.total_steps, start)  # after compiling: the ETA counts steps only
     last_logged: dict[str, float] = {}
     pending = None  # metrics of the previous step, checked one step late to keep dispatch async
+    skipped = 0  # non-finite steps whose update was dropped since the last log line
     window_start, window_steps = time.time(), 0
     step = start
     while step < cfg.total_steps:
@@ -265,20 +282,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
         step += 1
         window_steps += 1
         if pending is not None:
-            check_finite(pending, step - 1, cfg.nonfinite)
+            skipped += not check_finite(pending, step - 1, cfg.nonfinite, checkpointer)
         pending = metrics
         if step % cfg.log_every == 0 or step == cfg.total_steps:
-            check_finite(metrics, step, cfg.nonfinite)
+            skipped += not check_finite(metrics, step, cfg.nonfinite, checkpointer)
+            pending = None  # checked; not counted again
             values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+            values["nonfinite_skipped"], skipped = skipped, 0
             elapsed = time.time() - window_start
             values["step_time_s"] = elapsed / window_steps
             values["images_per_s"] = cfg.batch_size * window_steps / elapsed
+            values.update(perf.utilisation(step_flops, values["step_time_s"]))
             values.update({f"data/skipped/{k}": v for k, v in data.stats().items()})
             writer.scalars(step, values)
             if jax.process_index() == 0:
                 print(progress.line(step, values, values["images_per_s"]), flush=True)
             last_logged = values
             window_start, window_steps = time.time(), 0
+        # Evaluators due now (every N steps, all after the last); their time is not step time.
+        window_start += evals.run_due(step, state.params, frozen, writer)
         preempted = stop.agreed()
         # Save before fetching the next batch: the saved data position is the batch of step+1.
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted:
@@ -303,11 +325,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     return last_logged
 
 
-def check_finite(metrics: dict[str, jax.Array], step: int, mode: str) -> None:
-    if mode == "skip" or bool(metrics["finite"]):
-        return
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array as numpy on every process (also when other processes hold parts of it)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def check_finite(metrics: dict[str, jax.Array], step: int, mode: str, checkpointer: Any = None) -> bool:
+    """True if the step was finite. If not: "skip" says so and returns False; "stop" waits for
+    the checkpoint being written (so the last one is complete) and raises."""
+    if bool(metrics["finite"]):
+        return True
     terms = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
     shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+    if mode == "skip":
+        if jax.process_index() == 0:
+            print(f"step {step}: non-finite loss or gradient ({shown}); update skipped", flush=True)
+        return False
+    if checkpointer is not None:
+        checkpointer.wait()
     raise Ov3Error(f"non-finite loss or gradient at step {step}: {shown}. The update was not applied; the "
                    "last checkpoint is intact. Lower optim.base_lr, check the data, or set nonfinite='skip'.")
 

@@ -104,13 +104,13 @@ def test_checkpoint_of_another_model_is_a_clear_error(assets, tmp_path):
     data, vae = assets
     train.train(tiny_config(data, vae, total_steps=2), tmp_path)
     bigger = tiny_config(data, vae, total_steps=3, **{"model.text": "S"})
-    with pytest.raises(Ov3Error, match=r"does not fit the configured model .*text/.*saved \(.*expected"):
+    with pytest.raises(Ov3Error, match=r"(?s)does not fit the configured model .*params/text/.*saved \(.*expected"):
         train.train(bigger, tmp_path)
 
 
 def test_nonfinite_loss_stops_with_the_terms(assets, tmp_path):
     data, vae = assets
-    with pytest.raises(Ov3Error, match=r"non-finite loss or gradient at step 1: loss=nan"):
+    with pytest.raises(Ov3Error, match=r"non-finite loss or gradient at step 1: .*lr=nan"):
         train.train(tiny_config(data, vae, **{"optim.base_lr": float("nan")}), tmp_path)
 
 

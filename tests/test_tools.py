@@ -1,0 +1,105 @@
+"""FLOP counts against XLA's cost analysis, the peak table and MFU, summary and bench pieces."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ov3 import perf
+from ov3.models import vae as vae_lib
+from ov3.models.layers import Transformer
+from ov3.tools import bench, flops, summary
+from tests.helpers import TINY_VAE, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae")
+    vae_lib.save_pretrained(vae_lib.init_random(TINY_VAE, seed=0), path)
+    return path
+
+
+@pytest.mark.parametrize("tokens,width,mlp,heads", [(65, 768, 3072, 12), (192, 512, 2048, 8)])
+def test_block_flops_match_xla(tokens, width, mlp, heads):
+    analytic = flops.block_flops(tokens, width, mlp)
+    xla = summary.xla_block_flops(tokens, width, mlp, heads)
+    # XLA also counts norms, GELU, softmax and residual adds: a few percent on top, never less
+    assert 1.0 <= xla / analytic < 1.03, (xla, analytic)
+
+
+def test_xla_counts_a_scanned_stack_once():
+    """Why MFU uses the analytic count: cost_analysis() ignores the scan's trip count."""
+    x = jax.ShapeDtypeStruct((1, 16, 64), jnp.float32)
+
+    def cost(depth):
+        m = Transformer(depth, 4, 256)
+        return summary.xla_flops(lambda p, x: m.apply(p, x), jax.eval_shape(m.init, jax.random.key(0), x), x)
+
+    assert cost(1) == pytest.approx(cost(4), rel=1e-6)
+
+
+def test_vae_flops_match_xla():
+    # FLUX.1's layout (resnets, mid attention, no quant convs) at fewer levels and channels: the
+    # same formulas, a fraction of the tracing time.
+    config = vae_lib.VAEConfig.from_dict(dict(
+        vae_lib.FLUX1_DEV_CONFIG, block_out_channels=[32, 64], norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2))
+    module = vae_lib.AutoencoderKL(config)
+    image = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    side = 64 // config.downsample_factor
+    latents = jax.ShapeDtypeStruct((1, side, side, 16), jnp.float32)
+    params = jax.eval_shape(module.init, jax.random.key(0), image)
+    enc = summary.xla_flops(lambda p, x: module.apply(p, x, method=vae_lib.AutoencoderKL.encode), params, image)
+    dec = summary.xla_flops(lambda p, z: module.apply(p, z, method=vae_lib.AutoencoderKL.decode), params, latents)
+    # XLA skips the taps that fall on padding (a few percent at these small maps)
+    assert enc / flops.vae_encode_flops(config, 64) == pytest.approx(1.0, abs=0.08)
+    assert dec / flops.vae_decode_flops(config, 64) == pytest.approx(1.0, abs=0.08)
+
+
+def test_peak_table_and_mfu():
+    assert perf.peak_tflops("TPU v4") == 275 and perf.peak_tflops("TPU v5 lite") == 197
+    assert perf.peak_tflops("TPU v5") == 459 and perf.peak_tflops("TPU v6 lite") == 918
+    assert perf.peak_tflops("NVIDIA H100 80GB HBM3") == 989 and perf.peak_tflops("NVIDIA H200") == 989
+    assert perf.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert perf.peak_tflops("cpu") is None and perf.peak_tflops("TPU v4 lite") is None
+    got = perf.utilisation(step_flops=2.75e15, step_time_s=1.0, num_devices=10, device_kind="TPU v4")
+    assert got == {"model_tflops_per_s_per_device": pytest.approx(275.0), "mfu": pytest.approx(1.0)}
+    assert "mfu" not in perf.utilisation(1e12, 1.0, 1, "cpu")
+
+
+def test_summary_of_the_tiny_model(tiny_vae):
+    cfg = tiny_config(tiny_vae.parent / "no-data", tiny_vae)
+    task = summary.abstract_task(cfg)
+    counts = summary.param_counts(task)
+    assert counts["other (logit scale)"] == 1 and counts["VAE (frozen)"] > 0
+    rows = {r["component"]: r for r in summary.flop_rows(cfg, task, xla_check=True)}
+    assert set(rows) == {"vae_encode", "encoder", "text", "caption", "decoder", "vae_decode", "total"}
+    for name in ("encoder", "text", "caption", "decoder"):  # tiny widths: elementwise work weighs more
+        assert 1.0 <= rows[name]["xla_forward"] / rows[name]["forward"] < 1.5, name
+    assert rows["total"]["train"] == pytest.approx(sum(r["train"] for k, r in rows.items() if k != "total"))
+    assert TINY_VAE["block_out_channels"] == list(task.vae.config.block_out_channels)
+
+
+def test_ov3_b_flops_at_128px():
+    """The numbers the report quotes: OV3-B pretraining, per example (GFLOPs)."""
+    from ov3.models.ov3 import ModelSpec
+    from tests.test_family import load
+    cfg = load("ov3_b.py:pretrain")
+    spec = ModelSpec.from_config(cfg.model, vocab_size=summary.VOCAB_SIZE, text_len=cfg.data.text_len,
+                                 caption_len=cfg.data.caption_len, latent_channels=16)
+    costs = flops.ov3_costs(spec, cfg.image_size, summary.vae_config(cfg), lpips=cfg.loss.lpips > 0)
+    assert costs["encoder"].forward / 1e9 == pytest.approx(11.20, abs=0.01)
+    assert costs["vae_decode"].train / 1e9 == pytest.approx(310.34, abs=0.01)
+    assert flops.train_flops_per_example(costs) / 1e9 == pytest.approx(522.64, abs=0.01)
+    assert "lpips" not in costs
+
+
+def test_bench_reference_and_grid(tiny_vae):
+    ref = bench.reference()
+    assert ref["images_per_s"] == pytest.approx(12037, abs=1)
+    assert ref["per_chip"] == pytest.approx(94.0, abs=0.1) and ref["per_tensorcore"] == pytest.approx(47.0, abs=0.1)
+    grid = bench.settings(tiny_config(tiny_vae.parent, tiny_vae), [8, 16], ["none", "full"], ["float32", "bfloat16"])
+    assert len(grid) == 8
+    assert {(g["batch_size"], g["model"]["remat"], g["vae"]["remat_decoder"], g["vae"]["dtype"]) for g in grid} >= {
+        (8, "none", False, "float32"), (16, "full", True, "bfloat16")}
