@@ -360,7 +360,7 @@ def test_checkpoint_restores_on_other_meshes_and_processes(config, reference, tm
     out = tmp_path / "params.npz"
     run = run_to_end(2, 4, "--config", config, "--workdir", str(copy_run(reference, tmp_path / "ref", STEPS)),
                      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-                     module="tests.test_reliability_faults", env={"OV3_PROBE_OUT": str(out)})
+                     module="tests.fault_injection", env={"OV3_PROBE_OUT": str(out)})
     assert f"probe: restored step {STEPS} on mesh {{'data': 2, 'fsdp': 2, 'tensor': 2}} over 2 processes" in run.output
     got = np.load(out)
     params = {k: v for k, v in want.items() if k.startswith("params/")}
@@ -379,7 +379,7 @@ def test_sigkill_while_committing_a_checkpoint_keeps_the_previous_one(config, re
     workdir = copy_run(reference, tmp_path / "run", EVERY)
     args = ("--config", config, "--workdir", str(workdir))
     env = {"OV3_FAULTS": json.dumps({"pause_commit_step": STEPS}), "OV3_KILL_GRACE_S": "2"}
-    with started(launch_cmd(2, 4, *args, module="tests.test_reliability_faults"), env) as run:
+    with started(launch_cmd(2, 4, *args, module="tests.fault_injection"), env) as run:
         p0 = run.pid(0)
         run.wait_for(rf"^\[p0\] FAULT: pausing before committing checkpoint {STEPS}")
         os.kill(p0, signal.SIGKILL)
@@ -409,7 +409,7 @@ def test_sigkill_while_committing_a_checkpoint_keeps_the_previous_one(config, re
 def test_nonfinite_step_stops_with_terms_and_keeps_the_last_checkpoint(config, reference, tmp_path):
     workdir = tmp_path / "run"
     env = {"OV3_FAULTS": json.dumps({"nan_at_steps": [EVERY + 1]})}  # right after checkpoint 4 began
-    run = run_to_end(1, 8, "--config", config, "--workdir", str(workdir), module="tests.test_reliability_faults",
+    run = run_to_end(1, 8, "--config", config, "--workdir", str(workdir), module="tests.fault_injection",
                      env=env, expect=2)
     no_traceback(run)
     m = re.search(r"ov3: error: non-finite loss or gradient at step (\d+): .*\bloss=nan, .*loss/contrastive=nan",
@@ -426,7 +426,7 @@ def test_nonfinite_skip_counts_skipped_steps(config, reference, tmp_path):
     workdir = tmp_path / "run"
     bad = EVERY + 1
     run = run_to_end(1, 8, "--config", config, "--workdir", str(workdir), "--config.nonfinite=skip",
-                     module="tests.test_reliability_faults", env={"OV3_FAULTS": json.dumps({"nan_at_steps": [bad]})})
+                     module="tests.fault_injection", env={"OV3_FAULTS": json.dumps({"nan_at_steps": [bad]})})
     assert re.search(rf"step {bad}: non-finite loss or gradient \(.*\bloss=nan.*\); update skipped", run.output)
     table = rows(workdir)
     assert sorted(table) == list(range(1, STEPS + 1))
@@ -455,7 +455,7 @@ def test_one_process_failing_ends_the_run_promptly(config, tmp_path):
     would wait minutes for process 0), and the launcher stops process 0 and reports status 2."""
     t0 = time.time()
     run = run_to_end(2, 1, "--config", config, "--workdir", str(tmp_path / "run"), expect=2,
-                     module="tests.test_reliability_faults",
+                     module="tests.fault_injection",
                      env={"OV3_FAULTS": json.dumps({"fail_on_process": 1}), "OV3_KILL_GRACE_S": "2"})
     assert "[p1] Traceback" not in run.output, run.tail()  # process 0 may fail loudly: its peer vanished
     assert "[p1] ov3: error: injected failure on process 1" in run.output
@@ -475,7 +475,7 @@ def test_unwritable_workdir_fails_before_joining(config, tmp_path):
 
 def test_full_disk_fails_before_compiling(config, tmp_path):
     run = run_to_end(1, 8, "--config", config, "--workdir", str(tmp_path / "run"),
-                     module="tests.test_reliability_faults", env={"OV3_FAULTS": json.dumps({"free_bytes": 4096})},
+                     module="tests.fault_injection", env={"OV3_FAULTS": json.dumps({"free_bytes": 4096})},
                      expect=2)
     no_traceback(run)
     assert re.search(r"ov3: error: workdir \S+ has 3.81e-06 GiB free, but this run's checkpoints need", run.output), \

@@ -1,6 +1,6 @@
 """`python -m ov3.main` with faults injected, for tests/test_reliability.py (no tests here).
 
-    OV3_FAULTS='{"nan_at_steps": [6]}' launch/local.sh --module tests.test_reliability_faults -- \
+    OV3_FAULTS='{"nan_at_steps": [6]}' launch/local.sh --module tests.fault_injection -- \
         --config ... --workdir ...
 
 OV3_FAULTS (JSON), any of:
