@@ -105,13 +105,14 @@ def ov3_config(arg: str | None, *, encoder: str) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
 
     # bf16 compute for the towers and the frozen VAE, params and optimizer state in fp32 (the
-    # first moment in bf16, as OpenVision). Memory: the VAE decoder's full-resolution
-    # activations (kept for the gradient to z_hat) dominate; OV3-B pretraining compiled for 256
-    # TPU v4 chips (32 examples each, no remat) needs 11.8 GiB per chip of 32
-    # (`python -m ov3.tools.summary --topology v4:8x8x4 --per_device_batch 32`). At 256 px the
-    # decoder's activations grow 4x, so fine-tuning rematerialises the VAE decoder's up-blocks.
+    # first moment in bf16, as OpenVision). Remat, from the train step compiled for 256 TPU v4
+    # chips (`python -m ov3.tools.summary --topology v4:8x8x4 --per_device_batch N`), GiB per
+    # chip of 32: OV3-B pretraining (32/chip) 11.8 without remat; OV3-L (32/chip) 6.5 with
+    # "dots"; OV3-B fine-tuning (16/chip, 256 px, LPIPS, VAE decoder remat) 26.7 without tower
+    # remat, 14.6 with "dots". So: "dots" for towers above B or at more than 128 px, and the
+    # VAE decoder's up-blocks rematerialised at more than 128 px.
     c.model.update(encoder=enc, decoder=a.get("decoder", "B/1"), text=text, dtype="bfloat16",
-                   remat=_remat(enc), posemb="sincos")
+                   remat=_remat(enc, c.image_size), posemb="sincos")
     c.vae.update(path=VAE_PLACEHOLDER, dtype="bfloat16", latent_norm="scale",
                  remat_decoder=c.image_size > 128)
     c.optim.base_lr = stage.base_lr
@@ -130,10 +131,11 @@ def ov3_config(arg: str | None, *, encoder: str) -> ml_collections.ConfigDict:
     return c
 
 
-def _remat(encoder: str) -> str:
-    """Block remat for the towers: none for B-size encoders (activations are small next to the
-    VAE's), "dots" (keep matmul outputs, recompute the rest) for larger ones."""
-    return "none" if encoder.split("/")[0] in ("mu", "S", "M", "B") else "dots"
+def _remat(encoder: str, image_size: int) -> str:
+    """Tower remat: "dots" (keep matmul outputs, recompute the rest) for encoders above B or
+    images above 128 px (4x the tokens), else none (see the memory figures above)."""
+    small = encoder.split("/")[0] in ("mu", "S", "M", "B")
+    return "none" if small and image_size <= 128 else "dots"
 
 
 def describe(c: Any) -> str:

@@ -146,6 +146,10 @@ class Trainer:
 
 def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
     """Create DIR and prove it is writable before anything is compiled."""
+    if "://" in str(workdir):
+        # pathlib would turn gs://b/x into a local gs:/b/x folder and write there silently.
+        raise Ov3Error(f"--workdir {workdir}: object-store URLs are not written directly; mount the bucket "
+                       "(e.g. gcsfuse, as launch/tpu_vm.sh does at /gcs/BUCKET) and pass the mounted path.")
     path = pathlib.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
