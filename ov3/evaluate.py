@@ -125,6 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Ov3Error as e:
         print(f"ov3: error: {e}", file=sys.stderr)
         return 2
+    from ov3 import sharding
+    sharding.shutdown_distributed()
     return 0
 
 

@@ -50,6 +50,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from ov3 import train
+    from ov3 import sharding
     try:
         train.train(_CONFIG.value, _WORKDIR.value)
     except Ov3Error as e:
@@ -58,6 +59,7 @@ def main(argv: list[str]) -> None:
     except Exception:  # noqa: BLE001 - a bug or a lost peer: the traceback, then out (see exit_now)
         traceback.print_exc()
         exit_now(1)
+    sharding.shutdown_distributed()
 
 
 def exit_now(code: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -171,6 +172,43 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
                        "Check that process 0 is running and the address/port is reachable.") from e
     finally:
         watchdog.cancel()
+
+
+def shutdown_distributed(grace_s: float = 10.0) -> None:
+    """`jax.distributed.shutdown`, with process 0's coordination service outliving the others.
+
+    jax shuts down the client (a barrier over all processes) and then, on process 0, the
+    service at once; a last RPC of another process still in flight then aborts process 0 in
+    gRPC ("Check failed: queue.Pop() == nullptr"), turning a finished run into exit 134.
+    So process 0 waits, after the barrier, until the other processes have dropped their
+    connections to the service (they do so on exit; at most `grace_s`), then stops it. Call
+    this at the end of a successful run."""
+    from jax._src import distributed  # the public API shuts client and service down together
+
+    state = distributed.global_state
+    service, state.service = state.service, None
+    jax.distributed.shutdown()  # the client: returns once every process has reached it
+    if service is None:
+        return
+    port = int(state.coordinator_address.rsplit(":", 1)[1]) if state.coordinator_address else None
+    deadline = time.monotonic() + grace_s
+    # One connection stays: this process's own client keeps its channel until exit.
+    while port is not None and _open_connections(port) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    service.shutdown()
+
+
+def _open_connections(port: int) -> int:
+    """Established TCP connections this host serves on `port` (Linux /proc; 0 where absent)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [row.split() for row in f.read().splitlines()[1:]]
+        except OSError:
+            continue
+        count += sum(r[3] == "01" and int(r[1].rsplit(":", 1)[1], 16) == port for r in rows)
+    return count
 
 
 _SYNCS = itertools.count()  # every process calls sync_processes in the same order: same ids

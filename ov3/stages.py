@@ -186,6 +186,8 @@ def cli() -> None:
         except Ov3Error as e:
             print(f"ov3: error: {e}", file=sys.stderr)
             sys.exit(2)
+        from ov3 import sharding
+        sharding.shutdown_distributed()
 
     app.run(main)
 

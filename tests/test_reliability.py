@@ -273,6 +273,31 @@ def test_launcher_streams_forwards_signals_and_stops_all_on_failure(tmp_path):
     assert time.time() - t0 < 30
 
 
+SLOW_EXIT = """
+import time
+import jax
+from ov3 import sharding
+sharding.maybe_initialize_distributed()
+me = jax.process_index()
+sharding.sync_processes("work_done")
+t0 = time.monotonic()
+sharding.shutdown_distributed()
+if me == 0:
+    print(f"service stopped after {time.monotonic() - t0:.2f}s", flush=True)
+else:
+    time.sleep(2)  # a slow exit: process 0 must keep serving until this process has gone
+"""
+
+
+def test_coordinator_outlives_the_other_processes_at_shutdown(tmp_path):
+    """Process 0 stops the coordination service only once the others have left (stopping it
+    under a last RPC aborts process 0 in gRPC: a finished run exiting 134)."""
+    (tmp_path / "slow_exit.py").write_text(SLOW_EXIT)
+    run = run_to_end(2, 1, module="slow_exit", env={"PYTHONPATH": str(tmp_path)})
+    waited = float(run.wait_for(r"^\[p0\] service stopped after ([\d.]+)s", 5).group(1))
+    assert 1.5 < waited < 10, run.tail()
+
+
 def test_process_share_is_its_block_of_every_global_batch(config):
     """Step 3 of ov3.data.pipeline: process p reads rows [p*B/P, (p+1)*B/P) of each global batch."""
     from ov3.data import pipeline
