@@ -51,6 +51,24 @@ local_jax_version() {
   fi
 }
 
+# The flags every launcher takes for what to run: CONFIG="" MODEL="" WORKDIR="" before the
+# option loop, then `--config|--model|--workdir) job_flag "$1" "${2:-}"; shift ;;` in it.
+job_flag() {  # job_flag FLAG VALUE
+  [[ -n "$2" ]] || die "$1 needs a value (see --help)"
+  case "$1" in
+    --config) CONFIG="$2" ;;
+    --model) MODEL="$2" ;;
+    --workdir) WORKDIR="$2" ;;
+  esac
+}
+
+# check_job_flags: a --workdir and what to run in it, --config or --model b|l.
+check_job_flags() {
+  need workdir "$WORKDIR"
+  [[ -n "$CONFIG" || -n "$MODEL" ]] || die "give --config or --model (see --help)"
+  [[ -z "$MODEL" || "$MODEL" == b || "$MODEL" == l ]] || die "--model must be b or l (configs/ov3_b.py, configs/ov3_l.py)"
+}
+
 # The ov3 entry point for a config or for both stages of a model family (b, l):
 # prints the python module and its arguments, one per line.
 ov3_command() {  # ov3_command CONFIG STAGES_MODEL WORKDIR [overrides...]

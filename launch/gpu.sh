@@ -22,18 +22,14 @@ while [[ $# -gt 0 ]]; do
     --install) INSTALL=1 ;;
     --gpus) GPUS="$2"; shift ;;
     --jax-extra) JAX_EXTRA="$2"; shift ;;
-    --config) CONFIG="$2"; shift ;;
-    --model) MODEL="$2"; shift ;;
-    --workdir) WORKDIR="$2"; shift ;;
+    --config|--model|--workdir) job_flag "$1" "${2:-}"; shift ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
-need workdir "$WORKDIR"
-[[ -n "$CONFIG" || -n "$MODEL" ]] || die "give --config or --model (see --help)"
-[[ -z "$MODEL" || "$MODEL" == b || "$MODEL" == l ]] || die "--model must be b or l"
+check_job_flags
 
 cd "$REPO_ROOT"
 if [[ "$INSTALL" == 1 ]]; then

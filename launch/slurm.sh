@@ -27,9 +27,7 @@ while [[ $# -gt 0 ]]; do
     --account) ACCOUNT="$2"; shift ;;
     --time) TIME="$2"; shift ;;
     --name) JOB="$2"; shift ;;
-    --config) CONFIG="$2"; shift ;;
-    --model) MODEL="$2"; shift ;;
-    --workdir) WORKDIR="$2"; shift ;;
+    --config|--model|--workdir) job_flag "$1" "${2:-}"; shift ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) die "unknown argument $1 (see --help)" ;;
@@ -37,9 +35,7 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 need nodes "$NODES"
-need workdir "$WORKDIR"
-[[ -n "$CONFIG" || -n "$MODEL" ]] || die "give --config or --model (see --help)"
-[[ -z "$MODEL" || "$MODEL" == b || "$MODEL" == l ]] || die "--model must be b or l"
+check_job_flags
 
 mapfile -t args < <(ov3_command "$CONFIG" "$MODEL" "$WORKDIR" "${EXTRA[@]}")
 script="$(cat <<EOF

@@ -36,9 +36,7 @@ while [[ $# -gt 0 ]]; do
     --version) VERSION="$2"; shift ;;
     --spot) SPOT=1 ;;
     --jax-version) JAX_VERSION="$2"; shift ;;
-    --config) CONFIG="$2"; shift ;;
-    --model) MODEL="$2"; shift ;;
-    --workdir) WORKDIR="$2"; shift ;;
+    --config|--model|--workdir) job_flag "$1" "${2:-}"; shift ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     -*) die "unknown option $1 (see --help)" ;;
@@ -110,13 +108,12 @@ case "$ACTION" in
     ;;
   train)
     need config "$CONFIG"
-    need workdir "$WORKDIR"
+    check_job_flags
     start_training
     ;;
   stages)
     need model "$MODEL"
-    [[ "$MODEL" == b || "$MODEL" == l ]] || die "--model must be b or l (configs/ov3_b.py, configs/ov3_l.py)"
-    need workdir "$WORKDIR"
+    check_job_flags
     start_training
     ;;
   logs) remote 0 "tail -n 100 -f ~/ov3.log" ;;

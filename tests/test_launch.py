@@ -56,6 +56,19 @@ def test_tpu_vm_errors_name_the_flag():
     assert r.returncode == 2 and "missing --zone" in r.stderr
 
 
+@pytest.mark.parametrize("script,first", [("gpu.sh", ()), ("slurm.sh", ("--nodes", "2")),
+                                          ("tpu_vm.sh", ("stages", "--name", "x", "--zone", "z"))])
+def test_every_launcher_checks_what_to_run_the_same_way(script, first):
+    def err(*args):
+        r = subprocess.run(["bash", str(LAUNCH / script), "--dry-run", *first, *args], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 2, r
+        return r.stderr
+    assert "--model must be b or l" in err("--model", "xl", "--workdir", "gs://b/w")
+    assert "--workdir needs a value" in err("--model", "b", "--workdir")
+    assert "missing --workdir" in err("--model", "b")
+
+
 def test_gpu_node():
     install, train = dry("gpu.sh", "--install", "--gpus", "0,1", "--config", "configs/ov3_b.py:pretrain",
                          "--workdir", "runs/b", "--", "--config.batch_size=64")
