@@ -51,3 +51,26 @@ def tiny_config(data: pathlib.Path, vae: pathlib.Path, **overrides) -> ml_collec
             target = target[p]
         target[leaf] = value
     return c
+
+
+def write_karpathy(root: pathlib.Path, captions: list[list[str]], splits: list[str],
+                   missing: frozenset[int] = frozenset()) -> pathlib.Path:
+    """Karpathy's dataset_coco.json layout under root, with image i (a flat colour, PNG bytes
+    under COCO's .jpg name) in root/val2014/ unless i is in `missing`; returns the json path."""
+    import io
+    import json
+
+    from PIL import Image
+    (root / "val2014").mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, (sentences, split) in enumerate(zip(captions, splits, strict=True)):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        if i not in missing:
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (20 * i, 255 - 20 * i, 128)).save(buf, format="PNG")
+            (root / "val2014" / name).write_bytes(buf.getvalue())
+        images.append({"filepath": "val2014", "filename": name, "imgid": i, "cocoid": 1000 + i, "split": split,
+                       "sentences": [{"raw": s, "tokens": s.lower().split(), "imgid": i} for s in sentences]})
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return path

@@ -268,7 +268,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
 
     def crash_in_second_shard(self, task, tick, stats):
         for n, item in enumerate(real_read(self, task, tick, stats)):
-            if task[0] != reader.files[0] and n == 2:
+            if task[0] != reader.items[0] and n == 2:
                 raise KeyboardInterrupt  # killed half way through shard 1
             yield item
 
@@ -292,7 +292,7 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     m = convert.convert(reader, out, "train", num_shards=3, workers=1, show_progress=False)
     assert redone == reader.shard_tasks(3)[1:]  # shard 0 was kept, 1 redone, 2 done
     keys = [f["key"].decode() for f, _ in _records(out)]
-    assert sorted(keys) == sorted(rel for rel, _ in reader.files) and len(set(keys)) == 12
+    assert sorted(keys) == sorted(rel for rel, _ in reader.items) and len(set(keys)) == 12
     assert m["splits"]["train"]["shard_lengths"] == [4, 4, 4]
     assert not os.path.exists(work)
 
@@ -304,3 +304,59 @@ def test_one_job_per_split(tmp_path):
         resumable.ShardedJob(str(tmp_path), "train", 2, {"format": "x"})
     job.release()
     resumable.ShardedJob(str(tmp_path), "train", 2, {"format": "x"}).release()
+
+
+def test_karpathy_split_file_to_records_tfds_and_batches(tmp_path):
+    """dataset_coco.json + images: one record per image with every caption, the split picked
+    (train = train + restval), missing images counted; TFDS reads the captions as a
+    Sequence(Text); the pipeline yields them as token rows, the same from both sources."""
+    from tests.helpers import write_karpathy
+    captions = [[f"a photo number {i} caption {j}" for j in range(5)] for i in range(5)]
+    captions[1] = captions[1] + ["  ", "a sixth caption"]  # the blank one is dropped
+    path = write_karpathy(tmp_path / "coco", captions, ["test", "test", "restval", "train", "test"],
+                          missing=frozenset({4}))
+    out = str(tmp_path / "out")
+    for split in ("test", "train"):
+        convert.main(["karpathy", "--input", str(path), "--root", str(tmp_path / "coco"), "--out", out,
+                      "--split", split, "--workers", "1", "--no-progress"])
+    m = records.read_manifest(out)
+    assert m["texts_key"] == "captions"
+    assert m["splits"]["test"]["num_examples"] == 2 and m["splits"]["test"]["skipped"] == {"missing_image": 1}
+    assert m["splits"]["train"]["num_examples"] == 2  # restval + train
+    assert m["per_split"]["test"]["max_texts"] == 6 and m["per_split"]["train"]["max_texts"] == 5
+    src = grain.sources.ArrayRecordDataSource(records.split_files(out, "test"))
+    stored = {}
+    for i in range(len(src)):
+        lists = records.parse_bytes_lists(src[i])
+        stored[lists["key"][0].decode()] = lists
+    want = {f"val2014/COCO_val2014_{i:012d}.jpg": [c for c in captions[i] if c.strip()] for i in (0, 1)}
+    assert {k: [c.decode() for c in v["captions"]] for k, v in stored.items()} == want
+    for key, texts in want.items():
+        assert stored[key]["alt_text"] == [texts[0].encode()] and stored[key]["caption"] == [texts[1].encode()]
+
+    tokenizer = train_wordpiece([c for cs in captions for c in cs], 64, str(tmp_path / "tok.json"), min_frequency=1)
+    rows = {}
+    for source in ("arrayrecord", "tfds"):
+        if source == "tfds":
+            tfds = pytest.importorskip("tensorflow_datasets")
+            features = tfds.builder_from_directory(out).info.features
+            assert isinstance(features["captions"], tfds.features.Sequence)
+        cfg = pipeline.default_config()
+        cfg.update(path=out, source=source, text_len=12, read_threads=1)
+        it = pipeline.make_process_iterator(
+            cfg, mesh=None, global_batch_size=4, image_size=SIZE, split="test", train=False, seed=0,
+            tokenizer=tokenizer, process_index=0, process_count=1, texts_key="captions", max_texts=6)
+        (batch,) = list(it)
+        assert batch["texts"].shape == (4, 6, 12) and batch["mask"].tolist() == [True, True, False, False]
+        rows[source] = batch
+        for r in range(2):  # one shard, written and read in the split file's order
+            texts = want[f"val2014/COCO_val2014_{r:012d}.jpg"]
+            n = int(batch["num_texts"][r])
+            assert n == len(texts)
+            np.testing.assert_array_equal(batch["texts"][r, :n], [tokenizer.encode(t, 12) for t in texts])
+            assert not batch["texts"][r, n:].any()
+    np.testing.assert_array_equal(rows["arrayrecord"]["texts"], rows["tfds"]["texts"])
+
+    with pytest.raises(SystemExit):
+        convert.main(["karpathy", "--input", str(path), "--root", str(tmp_path / "coco"), "--out", out,
+                      "--split", "restval", "--workers", "1"])

@@ -154,6 +154,36 @@ def test_int_labels_and_classes_from_the_manifest(assets, tmp_path):
     assert out["zs"]["top1"] == 1.0  # the int labels follow the images, not the wrong texts
 
 
+def test_retrieval_with_several_captions_per_image(assets, tmp_path):
+    """A Karpathy-style split (python -m ov3.data.convert karpathy): every caption is a text,
+    its own image the hit. Images embed as the bag of their first caption; image 5's second
+    and third captions name image 0's word, so those two texts rank image 0 first (R@1 miss)
+    and their own image second (R@5 hit): t2i R@1 = 29/31."""
+    from ov3.data import convert
+    from tests.helpers import write_karpathy
+    data, vae, _ = assets
+    words = ["red", "blue", "yellow", "orange", "circle", "square"]  # one token each, distinct bags
+    captions = [[f"{w} a", f"{w} small", f"{w} large", f"{w} triangle", f"{w} a small"] for w in words]
+    captions[2].append(f"{words[2]} small large")  # six captions: none may be cut
+    captions[5][1:3] = ["red small", "red large"]
+    path = write_karpathy(tmp_path / "coco", captions, ["test"] * 6)
+    out = tmp_path / "karpathy"
+    convert.main(["karpathy", "--input", str(path), "--root", str(tmp_path / "coco"), "--out", str(out),
+                  "--split", "test", "--workers", "1", "--no-progress"])
+    shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
+    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+    cfg = tiny_config(data, vae)
+    cfg.evals.coco = dict(type="retrieval", data_path=str(out), split="test", batch_size=8, ks=[1, 5])
+    cfg.evals.first_caption_only = dict(type="retrieval", data_path=str(out), split="test", batch_size=8,
+                                        text_key="alt_text", ks=[1])
+    out = fake_evaluators(cfg, fake_fns(tok, cfg.data.text_len, image_from_text=True), tok).run(None, None)
+    assert out["coco"]["num_images"] == 6 and out["coco"]["num_texts"] == 31
+    assert out["coco"]["i2t_R@1"] == 1.0 and out["coco"]["i2t_R@5"] == 1.0
+    assert out["coco"]["t2i_R@1"] == pytest.approx(29 / 31) and out["coco"]["t2i_R@5"] == 1.0
+    # An explicit text_key reads one text per image, as before.
+    assert out["first_caption_only"]["num_texts"] == 6 and out["first_caption_only"]["t2i_R@1"] == 1.0
+
+
 def naive_recall(img, txt, group, ks):
     sim = img @ txt.T
     out = {}

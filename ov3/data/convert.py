@@ -7,6 +7,8 @@
         [--root DIR] [--alt-text-column org_caption] [--caption-column re_caption]
     python -m ov3.data.convert imagefolder --input /data/imagenet/val --out /data/in1k \
         --split val [--classes classes.txt]
+    python -m ov3.data.convert karpathy --input dataset_coco.json --root /data/coco \
+        --out /data/coco_karpathy --split test
 
 Inputs (see ov3.data.convert_inputs for the details of each format):
   webdataset   img2dataset tars: KEY.jpg + KEY.txt and/or KEY.json
@@ -15,6 +17,9 @@ Inputs (see ov3.data.convert_inputs for the details of each format):
                re_caption → caption
   imagefolder  root/<class>/<image>: adds an int64 `label`, the class names go to the
                manifest (`classes`) and to TFDS's ClassLabel; alt_text = caption = class name
+  karpathy     Karpathy's dataset_coco.json / dataset_flickr30k.json + their images: every
+               caption of an image in `captions` (a TFDS Sequence(Text)), which the
+               retrieval evaluator scores as 5-captions-per-image retrieval
 
 The output is the folder ov3.data.records describes (the same one grain and TFDS read);
 several splits can be converted into one folder by running once per split.
@@ -41,8 +46,8 @@ from typing import Any
 from tqdm import tqdm
 
 from ov3.data import decode, records, resumable
-from ov3.data.convert_inputs import (Bad, ImageFolder, Stats, Table, WebDataset,
-                                     expand_inputs)
+from ov3.data.convert_inputs import (TEXTS_FEATURE, Bad, ImageFolder, Karpathy, Stats, Table,
+                                     WebDataset, expand_inputs)
 from ov3.errors import Ov3Error
 
 # Set in each worker by _init_worker (and in this process when workers <= 1).
@@ -82,20 +87,23 @@ def _convert_shard(i: int, task: Any, sink=None) -> int:
     reader, job = _WORKER["reader"], _WORKER["job"]
     tick = _Ticker(sink or _WORKER["sink"])
     writer = records.SplitWriter(*job.writer_args(i), max_pixels=_WORKER["max_pixels"])
-    stats, seen = Stats(), set()
+    stats, seen, max_texts = Stats(), set(), 0
     sources: dict[str, dict[str, int]] = {"alt_text": {}, "caption": {}}
     for item in reader.read(task, tick, stats):
         if isinstance(item, Bad) or item.key in seen:
             reason = item.reason if isinstance(item, Bad) else "duplicate_key"
             writer.skipped[reason] = writer.skipped.get(reason, 0) + 1
             continue
-        extra = {"label": item.label} if item.label is not None else None
+        extra = {"label": item.label} if item.label is not None else {}
+        if item.texts:
+            extra[TEXTS_FEATURE] = list(item.texts)
         if writer.write(item.key, item.image, item.alt_text, item.caption, extra) is None:
             seen.add(item.key)
+            max_texts = max(max_texts, len(item.texts))
             for field, source in zip(sources, item.sources):
                 sources[field][source] = sources[field].get(source, 0) + 1
     tick.flush()
-    job.mark_done(i, writer.close(), {"text_sources": sources,
+    job.mark_done(i, writer.close(), {"text_sources": sources, "max_texts": max_texts,
                                       "input_errors": stats.input_errors})
     return i
 
@@ -134,10 +142,14 @@ def convert(reader, out: str, split: str, *, num_shards: int, workers: int,
         extra: dict[str, Any] = {"source": "ov3.data.convert", "per_split": {split: info}}
         if classes is not None:
             extra.update(classes=classes, class_folders=reader.folders, label_key="label")
+        if info["max_texts"]:
+            extra.update(texts_key=TEXTS_FEATURE)
         manifest = resumable.merge_metadata(out, split, entry, name=name,
                                             description=description, extra=extra)
         if classes is not None:
             records.add_class_label(out, classes)
+        if "texts_key" in manifest:
+            records.add_text_list(out, manifest["texts_key"])
         job.cleanup()
     finally:
         job.release()
@@ -215,6 +227,7 @@ def _summary(reader, entry: dict, shard_stats: list[dict], seconds: float,
     return {"format": reader.plan()["format"], "num_inputs": len(reader.plan()["inputs"]),
             "examples_read": entry["num_examples"] + sum(entry["skipped"].values()),
             "text_sources": sources, "input_errors": errors,
+            "max_texts": max(s.get("max_texts", 0) for s in shard_stats),
             "ignored_files": getattr(reader, "ignored", 0),
             "last_run": {"seconds": round(seconds, 1), "examples_written": written_now}}
 
@@ -281,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--classes", default="",
                    help="file: one class a line, 'folder' or 'folder<TAB>display name'; "
                         "its order gives the labels (default: sorted folder names)")
+    k = sub.add_parser("karpathy", parents=[common],
+                       help="dataset_coco.json / dataset_flickr30k.json + images (--split train|val|test)")
+    k.add_argument("--root", required=True, help="the folder the split file's image paths are relative to")
     args = p.parse_args(argv)
     try:
         if args.format == "webdataset":
@@ -294,11 +310,16 @@ def main(argv: list[str] | None = None) -> None:
                                 caption_columns=_texts(args.caption_column),
                                 key_column=args.key_column)
             shards = args.shards or -(-sum(reader.row_counts) // 10_000)
+        elif args.format == "karpathy":
+            if len(args.input) != 1:
+                raise Ov3Error("karpathy takes one --input file (dataset_coco.json or dataset_flickr30k.json).")
+            reader = Karpathy.open(args.input[0], args.root, args.split)
+            shards = args.shards or -(-len(reader.items) // 10_000)
         else:
             if len(args.input) != 1:
                 raise Ov3Error("imagefolder takes one --input folder (root/<class>/<image>).")
             reader = ImageFolder.open(args.input[0], args.classes)
-            shards = args.shards or -(-len(reader.files) // 10_000)
+            shards = args.shards or -(-len(reader.items) // 10_000)
         convert(reader, args.out, args.split, num_shards=max(shards, 1), workers=args.workers,
                 overwrite=args.overwrite, name=args.name or f"ov3_{args.format}",
                 description=f"Converted by ov3.data.convert {args.format}.",

@@ -1,4 +1,5 @@
-"""The input formats `python -m ov3.data.convert` reads: webdataset tars, tables, image folders.
+"""The input formats `python -m ov3.data.convert` reads: webdataset tars, tables, image folders,
+Karpathy's COCO / Flickr30k caption splits.
 
 A reader is a picklable description of the input. The converter asks it for one task per
 output shard (`shard_tasks`), runs `read(task, tick, stats)` in a worker and writes what it
@@ -41,6 +42,10 @@ class Example:
     caption: str | bytes
     label: int | None = None
     sources: tuple[str, str] = ("", "")  # where alt_text and caption came from
+    texts: tuple[str, ...] = ()  # every caption of the image (stored as TEXTS_FEATURE)
+
+
+TEXTS_FEATURE = "captions"  # the records field holding several captions per image
 
 
 @dataclasses.dataclass
@@ -400,8 +405,32 @@ def _rows(path: str, lo: int, hi: int,
 
 # --- image folder with class subfolders ------------------------------------------------
 
+class _FileList:
+    """A reader whose input is a list of `items`, one image file under `root` each: strided
+    output shards (like SplitWriter's round robin, so every shard has every class of a sorted
+    list)."""
+    root: str
+    items: list
+    unit = "examples"
+
+    def shard_tasks(self, num_shards: int) -> list[list]:
+        n = max(1, min(num_shards, len(self.items)))
+        return [self.items[i::n] for i in range(n)]
+
+    def weight(self, task) -> int:
+        return len(task)
+
+    def load(self, rel: str) -> bytes | Bad:
+        """The bytes of root/rel, or why not."""
+        try:
+            with open(os.path.join(self.root, rel), "rb") as f:
+                return f.read()
+        except OSError as e:
+            return Bad(rel, "missing_image", e.strerror or str(e))
+
+
 @dataclasses.dataclass
-class ImageFolder:
+class ImageFolder(_FileList):
     """`root/<class>/**/<image>` (torchvision's ImageFolder layout), for evaluations.
 
     Labels are class indices: the sorted folder names, or the order of a classes file whose
@@ -412,9 +441,8 @@ class ImageFolder:
     root: str
     folders: list[str]  # label i is folders[i]
     names: list[str]    # and its display name
-    files: list[tuple[str, int]]  # (path relative to root, label), sorted
+    items: list[tuple[str, int]]  # (path relative to root, label), sorted
     ignored: int = 0
-    unit = "examples"
 
     @classmethod
     def open(cls, root: str, classes_file: str = "") -> "ImageFolder":
@@ -443,31 +471,18 @@ class ImageFolder:
                     else:
                         ignored += 1
         ignored += sum(1 for d in os.listdir(root) if os.path.isfile(os.path.join(root, d)))
-        return cls(root=root, folders=folders, names=names, files=files, ignored=ignored)
+        return cls(root=root, folders=folders, names=names, items=files, ignored=ignored)
 
     def plan(self) -> dict:
         return {"format": "imagefolder", "inputs": [os.path.abspath(self.root)],
-                "classes": self.names, "files": len(self.files)}
-
-    def shard_tasks(self, num_shards: int) -> list[list[tuple[str, int]]]:
-        # Strided, like SplitWriter's round robin: every shard has every class.
-        n = max(1, min(num_shards, len(self.files)))
-        return [self.files[i::n] for i in range(n)]
-
-    def weight(self, task) -> int:
-        return len(task)
+                "classes": self.names, "files": len(self.items)}
 
     def read(self, task, tick: Tick, stats: Stats) -> Iterator[Example | Bad]:
         for rel, label in task:
             tick(1)
-            try:
-                with open(os.path.join(self.root, rel), "rb") as f:
-                    image = f.read()
-            except OSError as e:
-                yield Bad(rel, "missing_image", e.strerror or str(e))
-                continue
-            yield Example(rel, image, self.names[label], self.names[label], label,
-                          sources=("class name", "class name"))
+            image = self.load(rel)
+            yield image if isinstance(image, Bad) else Example(
+                rel, image, self.names[label], self.names[label], label, sources=("class name", "class name"))
 
 
 def _read_classes(path: str) -> tuple[list[str], list[str]]:
@@ -482,3 +497,66 @@ def _read_classes(path: str) -> tuple[list[str], list[str]]:
     if len(set(folders)) != len(folders):
         raise Ov3Error(f"{path} names a class folder twice.")
     return folders, names
+
+
+# --- Karpathy's caption splits (COCO, Flickr30k) ----------------------------------------
+
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+@dataclasses.dataclass
+class Karpathy(_FileList):
+    """Karpathy's split file (`dataset_coco.json`, `dataset_flickr30k.json`) and the image folder
+    it refers to, for image-text retrieval: one record per image with all its captions in
+    `captions` (COCO has 5-7, Flickr30k 5), the first as alt_text and the second as caption.
+
+    Images are `root/<filepath>/<filename>` (COCO: filepath is val2014 or train2014, so root
+    is the folder holding those) or `root/<filename>` (Flickr30k has no filepath). The output
+    split name picks the images: train = train + restval (113,287 COCO images), val, test
+    (COCO 5,000 images / 25,010 captions; Flickr30k 1,000 / 5,000).
+    """
+    path: str
+    root: str
+    split: str
+    items: list[tuple[str, tuple[str, ...]]]  # (image path relative to root, its captions)
+
+    @classmethod
+    def open(cls, path: str, root: str, split: str) -> "Karpathy":
+        if split not in KARPATHY_SPLITS:
+            raise Ov3Error(f"--split {split!r}: a Karpathy split is one of {sorted(KARPATHY_SPLITS)} "
+                           "(train includes restval).")
+        if not os.path.isdir(root):
+            raise Ov3Error(f"--root {root} is not a folder: give the folder the split file's image "
+                           "paths are relative to (COCO: the one holding val2014/; Flickr30k: the images).")
+        try:
+            with open(path, encoding="utf-8") as f:
+                images = json.load(f)["images"]
+            items, found = [], {}
+            for im in images:
+                found[im["split"]] = found.get(im["split"], 0) + 1
+                if im["split"] in KARPATHY_SPLITS[split]:
+                    rel = os.path.join(im.get("filepath", ""), im["filename"])
+                    items.append((rel, tuple(s["raw"].strip() for s in im["sentences"])))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise Ov3Error(f"--input {path} is not a Karpathy split file (dataset_coco.json / "
+                           f"dataset_flickr30k.json: {{'images': [{{'filename', 'split', 'sentences': "
+                           f"[{{'raw'}}]}}]}}): {type(e).__name__}: {e}") from None
+        if not items:
+            raise Ov3Error(f"{path} has no images in split {split!r} (it has {found}).")
+        return cls(path=path, root=root, split=split, items=items)
+
+    def plan(self) -> dict:
+        return {"format": "karpathy", "inputs": [os.path.abspath(self.path)],
+                "root": os.path.abspath(self.root), "karpathy_split": self.split, "images": len(self.items)}
+
+    def read(self, task, tick: Tick, stats: Stats) -> Iterator[Example | Bad]:
+        for rel, captions in task:
+            tick(1)
+            texts = tuple(c for c in captions if c)
+            if not texts:
+                yield Bad(rel, "missing_text", "no non-empty sentence")
+                continue
+            image = self.load(rel)
+            yield image if isinstance(image, Bad) else Example(
+                rel, image, texts[0], texts[min(1, len(texts) - 1)], texts=texts,
+                sources=("sentence 1", f"sentence {min(2, len(texts))}"))

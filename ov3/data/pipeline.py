@@ -5,7 +5,8 @@
     batch = next(it)  # {"image": f32[B,H,W,3] in [-1,1], "text": i32[B,text_len],
                       #  "caption": i32[B,caption_len]}  (+ "mask": bool[B] if not train,
                       #  "label": i32[B] with label_key, "latent": bf16[B,h,w,c] with
-                      #  use_cached_latents)
+                      #  use_cached_latents, "texts": i32[B,K,text_len] + "num_texts":
+                      #  i32[B] with texts_key=, max_texts=K: several captions an image)
     state = it.get_state()   # JSON-serialisable; it.set_state(state) resumes exactly
     it.stats()               # {"bad_record": 0, "corrupt_image": 2, ...} skipped so far
 
@@ -162,6 +163,8 @@ class Preprocess:
     image_key: str = "image"
     label_key: str = ""  # "": no label
     latent_shape: tuple[int, ...] | None = None  # cached latents: their (h, w, c)
+    texts_key: str = ""  # a field with several texts: "texts" [max_texts, text_len], "num_texts"
+    max_texts: int = 0
 
     def spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         """{output key: (per-example shape, dtype)}: what a batch stacks."""
@@ -172,6 +175,9 @@ class Preprocess:
             spec["label"] = ((), np.int32)
         if self.latent_shape is not None:
             spec["latent"] = (self.latent_shape, ml_dtypes.bfloat16)
+        if self.texts_key:
+            spec["texts"] = ((self.max_texts, self.text_len), np.int32)
+            spec["num_texts"] = ((), np.int32)
         return spec
 
     def draft_side(self) -> int:
@@ -193,13 +199,21 @@ class Preprocess:
         out = {}
         try:
             if isinstance(record, dict):  # The TFDS source picked out the fields already.
-                fields, keys = record, ("image", "text", "caption", "label")
+                fields, keys = record, ("image", "text", "caption", "label", "texts")
             else:
-                fields = records.parse_example(record)
+                lists = records.parse_bytes_lists(record)
+                fields = {k: v[0] if v else b"" for k, v in lists.items()}
                 if self.label_key:
                     fields.update(records.parse_ints(record))
-                keys = (self.image_key, self.text_key, self.caption_key, self.label_key)
+                if self.texts_key:
+                    fields[self.texts_key] = lists[self.texts_key]
+                keys = (self.image_key, self.text_key, self.caption_key, self.label_key, self.texts_key)
             raw = (fields[keys[0]], fields[keys[1]], fields[keys[2]])
+            if self.texts_key:
+                texts = [decode.decode_text(t) for t in fields[keys[4]]][:self.max_texts]
+                out["texts"] = np.zeros((self.max_texts, self.text_len), np.int32)
+                out["texts"][:len(texts)] = [self.tokenizer.encode(t, self.text_len) for t in texts]
+                out["num_texts"] = np.int32(len(texts))
             if self.label_key:
                 out["label"] = np.int32(fields[keys[3]])
             if self.latent_shape is not None:
@@ -374,18 +388,22 @@ class BatchIterator:
 
 def make_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | None,
                   global_batch_size: int, image_size: int, split: str, train: bool,
-                  seed: int, tokenizer: Tokenizer | None = None) -> BatchIterator:
-    """The batch iterator for this process (see the module docstring)."""
+                  seed: int, tokenizer: Tokenizer | None = None, texts_key: str = "",
+                  max_texts: int = 0) -> BatchIterator:
+    """The batch iterator for this process (see the module docstring). `texts_key`: a field
+    with several texts per image (retrieval benchmarks), tokenized into `max_texts` rows."""
     return make_process_iterator(
         data_cfg, mesh=mesh, global_batch_size=global_batch_size, image_size=image_size,
         split=split, train=train, seed=seed, tokenizer=tokenizer,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        texts_key=texts_key, max_texts=max_texts)
 
 
 def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | None,
                           global_batch_size: int, image_size: int, split: str,
                           train: bool, seed: int, tokenizer: Tokenizer | None,
-                          process_index: int, process_count: int) -> BatchIterator:
+                          process_index: int, process_count: int, texts_key: str = "",
+                          max_texts: int = 0) -> BatchIterator:
     """`make_iterator` with the process explicit (tests simulate several processes)."""
     source = _get(data_cfg, "source")
     if source not in SOURCES:
@@ -433,7 +451,7 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
         ds = grain.MapDataset.source(tfds_source.TfdsSource(
             path, _get(data_cfg, "tfds_name"), split, image_key=_get(data_cfg, "image_key"),
             text_keys=(_get(data_cfg, "text_key"), _get(data_cfg, "caption_key")),
-            label_key=_get(data_cfg, "label_key")))
+            label_key=_get(data_cfg, "label_key"), texts_key=texts_key))
     else:
         files = records.split_files(path, split)
         label_key = _get(data_cfg, "label_key")
@@ -456,7 +474,7 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
         rrc_ratio=tuple(_get(data_cfg, "rrc_ratio")),
         max_pixels=_get(data_cfg, "max_pixels"), min_side=_get(data_cfg, "min_side"),
         image_key=_get(data_cfg, "image_key"), label_key=_get(data_cfg, "label_key"),
-        latent_shape=latent_shape)
+        latent_shape=latent_shape, texts_key=texts_key, max_texts=max_texts)
     per_process_batch = global_batch_size // process_count
     block = process_index
     if sharding is not None and (process_index, process_count) == (jax.process_index(), jax.process_count()):

@@ -9,7 +9,8 @@ A dataset is one folder:
 
 Each record is a serialized `tf.train.Example` with four bytes features:
 `key` (unique id), `image` (the encoded file as stored: PNG, JPEG, WebP… — never
-re-encoded), `alt_text` and `caption` (UTF-8). Why this format: it is the format TFDS
+re-encoded), `alt_text` and `caption` (UTF-8); converters may add an int64 `label` or a
+list of texts (`captions`, several per image, for retrieval benchmarks). Why this format: it is the format TFDS
 and TF (`tf.io.parse_single_example`) read, so the same shards open with
 `tfds.builder_from_directory(DIR).as_data_source(split)` (an `Image` feature plus
 three `Text` features) with no conversion; and the protobuf subset we need (a map of
@@ -57,17 +58,21 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def serialize_example(features: Mapping[str, bytes | str | int]) -> bytes:
-    """{name: bytes, str or int} -> serialized tf.train.Example of scalar features (ints as int64,
-    e.g. a class label, which TFDS reads as a ClassLabel)."""
+Value = bytes | str | int | Sequence[bytes | str]
+
+
+def serialize_example(features: Mapping[str, Value]) -> bytes:
+    """{name: bytes, str, int or a list of texts} -> serialized tf.train.Example (ints as int64,
+    e.g. a class label, which TFDS reads as a ClassLabel; a list as one bytes_list with several
+    values, e.g. the five captions of a COCO image, which TFDS reads as a Sequence(Text))."""
     entries = b""
     ints = {k: v for k, v in features.items() if isinstance(v, int)}
     for name, value in sorted(features.items()):
         if name in ints:
             continue
-        if isinstance(value, str):
-            value = value.encode("utf-8")
-        feature = _field(1, _field(1, value))  # Feature.bytes_list.value[0]
+        values = [value] if isinstance(value, (bytes, str)) else value
+        blist = b"".join(_field(1, v.encode("utf-8") if isinstance(v, str) else v) for v in values)
+        feature = _field(1, blist)  # Feature.bytes_list
         entries += _field(1, _field(1, name.encode("utf-8")) + _field(2, feature))
     # Protobuf parses concatenated messages as their merge: the int64 features can follow as a
     # second `Features` and the result is still one valid tf.train.Example.
@@ -122,7 +127,12 @@ def parse_example(data: bytes) -> dict[str, bytes]:
 
     Features that are not bytes lists (int64/float) are ignored.
     """
-    out: dict[str, bytes] = {}
+    return {name: values[0] if values else b"" for name, values in parse_bytes_lists(data).items()}
+
+
+def parse_bytes_lists(data: bytes) -> dict[str, list[bytes]]:
+    """Serialized tf.train.Example → {name: every bytes value}; ValueError if malformed."""
+    out: dict[str, list[bytes]] = {}
     try:
         for f, features in _fields(memoryview(data)):
             if f != 1:
@@ -130,16 +140,16 @@ def parse_example(data: bytes) -> dict[str, bytes]:
             for f2, entry in _fields(features):
                 if f2 != 1:
                     continue
-                name, value = None, None
+                name, values = None, None
                 for f3, part in _fields(entry):
                     if f3 == 1:
                         name = bytes(part).decode("utf-8")
                     elif f3 == 2:
                         for f4, blist in _fields(part):
                             if f4 == 1:  # bytes_list
-                                value = next((bytes(v) for f5, v in _fields(blist) if f5 == 1), b"")
-                if name is not None and value is not None:
-                    out[name] = value
+                                values = [bytes(v) for f5, v in _fields(blist) if f5 == 1]
+                if name is not None and values is not None:
+                    out[name] = values
     except (IndexError, UnicodeDecodeError) as e:
         raise ValueError(f"malformed tf.train.Example: {e}") from e
     return out
@@ -198,12 +208,13 @@ class SplitWriter:
         return os.path.join(self._dir, f".{self._split}-{i:05d}.array_record.tmp")
 
     def write(self, key: str, image: bytes, alt_text: str | bytes, caption: str | bytes,
-              extra: Mapping[str, bytes | str | int] | None = None) -> str | None:
+              extra: Mapping[str, Value] | None = None) -> str | None:
         """Stores one example; returns None, or the skip reason if it was left out."""
         if self._validate:
             try:
-                decode.decode_text(alt_text)
-                decode.decode_text(caption)
+                for text in (alt_text, caption, *(t for v in (extra or {}).values()
+                                                   if isinstance(v, (list, tuple)) for t in v)):
+                    decode.decode_text(text)
                 decode.decode_image(image, max_pixels=self._max_pixels)
             except decode.Skip as s:
                 self.skipped[s.reason] = self.skipped.get(s.reason, 0) + 1
@@ -311,13 +322,24 @@ def add_class_label(out_dir: str, names: Sequence[str], feature: str = "label") 
     Call after `write_metadata` (which writes the four standard features only).
     TFDS reads the class names from `<feature>.labels.txt`, one a line.
     """
-    path = os.path.join(out_dir, "features.json")
-    with open(path) as f:
-        spec = json.load(f)
-    spec["featuresDict"]["features"][feature] = {
-        "pythonClassName":
-            "tensorflow_datasets.core.features.class_label_feature.ClassLabel",
-        "classLabel": {"numClasses": str(len(names))}}
-    _write_json(path, spec)
+    _add_feature(out_dir, feature, {
+        "pythonClassName": "tensorflow_datasets.core.features.class_label_feature.ClassLabel",
+        "classLabel": {"numClasses": str(len(names))}})
     with open(os.path.join(out_dir, f"{feature}.labels.txt"), "w") as f:
         f.write("".join(n + "\n" for n in names))
+
+
+def add_text_list(out_dir: str, feature: str) -> None:
+    """Declares the bytes list `feature` (several texts per example) as a TFDS Sequence(Text)."""
+    _add_feature(out_dir, feature, {
+        "pythonClassName": "tensorflow_datasets.core.features.sequence_feature.Sequence",
+        "sequence": {"feature": {"pythonClassName": "tensorflow_datasets.core.features.text_feature.Text",
+                                 "text": {}}, "length": "-1"}})
+
+
+def _add_feature(out_dir: str, name: str, spec: dict) -> None:
+    path = os.path.join(out_dir, "features.json")
+    with open(path) as f:
+        features = json.load(f)
+    features["featuresDict"]["features"][name] = spec
+    _write_json(path, features)

@@ -47,7 +47,7 @@ class TfdsSource:
     """
 
     def __init__(self, path: str, name: str, split: str, *, image_key: str,
-                 text_keys: tuple[str, ...], label_key: str = ""):
+                 text_keys: tuple[str, ...], label_key: str = "", texts_key: str = ""):
         import tensorflow_datasets as tfds
         builder = open_builder(path, name)
         where = f"TFDS dataset {builder.info.full_name} ({builder.data_dir})"
@@ -65,10 +65,11 @@ class TfdsSource:
         features = builder.info.features
         self._names: dict[str, list[str]] = {}  # ClassLabel text keys → class names
         wanted = {"image_key": image_key, "text_key": text_keys[0],
-                  "caption_key": text_keys[1], "label_key": label_key}
+                  "caption_key": text_keys[1], "label_key": label_key, "texts_key": texts_key}
         for role, key in wanted.items():
             if key and key not in features:
-                raise Ov3Error(f"config.data.{role}={key!r} is not a feature of the {where}; "
+                setting = "evals.<name>.texts_key" if role == "texts_key" else f"config.data.{role}"
+                raise Ov3Error(f"{setting}={key!r} is not a feature of the {where}; "
                                f"it has {sorted(features)}.")
         if not isinstance(features[image_key], tfds.features.Image):
             raise Ov3Error(f"config.data.image_key={image_key!r} is a "
@@ -84,6 +85,12 @@ class TfdsSource:
         self._keys = {"image": image_key, "text": text_keys[0], "caption": text_keys[1]}
         if label_key:
             self._keys["label"] = label_key
+        if texts_key:
+            if not (isinstance(features[texts_key], tfds.features.Sequence)
+                    and isinstance(features[texts_key].feature, tfds.features.Text)):
+                raise Ov3Error(f"{texts_key!r} is a {type(features[texts_key]).__name__} in the {where}; "
+                               "several texts per image need a Sequence(Text) feature.")
+            self._keys["texts"] = texts_key
         self._len = splits[split].num_examples
         self._source = None
 
@@ -107,6 +114,8 @@ class TfdsSource:
                 value = self._names[key][int(value)]  # a ClassLabel as text: its class name
             elif role == "label":
                 value = int(value)
+            elif role == "texts":
+                value = list(value)
             out[role] = value
         return out
 

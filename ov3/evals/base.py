@@ -189,7 +189,8 @@ class Evaluator:
 
     def batches(self, predict: Callable[..., dict[str, jax.Array]], params: Params, frozen: Any,
                 *extra: Any, split: str = "", text_key: str = "", label_key: str = "",
-                max_examples: int = -1) -> Iterator[dict[str, np.ndarray]]:
+                texts_key: str = "", max_texts: int = 0, max_examples: int = -1
+                ) -> Iterator[dict[str, np.ndarray]]:
         """One pass over `split`: yields the host outputs of `predict` for the real rows."""
         from ov3.data import pipeline
         cfg = self.ctx.cfg
@@ -197,7 +198,7 @@ class Evaluator:
         it = pipeline.make_iterator(self.data_config(text_key, label_key), mesh=self.ctx.mesh,
                                     global_batch_size=self.batch_size, image_size=cfg.image_size,
                                     split=split or self.split, train=False, seed=cfg.seed,
-                                    tokenizer=self.ctx.tokenizer)
+                                    tokenizer=self.ctx.tokenizer, texts_key=texts_key, max_texts=max_texts)
         seen = 0
         try:
             for batch in it:

@@ -228,7 +228,8 @@ def _retrieval_ranks_chunk(img, txt, idx, true_scores, best_pos, first_row):
     other images' captions beat its best caption; per caption, how many other images
     in this block beat its own image. The true pairs are masked out rather than
     compared, since `true_scores` came from a different float32 reduction than `sim`."""
-    sim = img @ txt.T  # [chunk, T]
+    # HIGHEST: TPU/GPU default float32 matmuls round to bf16/TF32, enough to reorder near ties.
+    sim = jnp.matmul(img, txt.T, precision=jax.lax.Precision.HIGHEST)  # [chunk, T]
     rows = first_row + jnp.arange(img.shape[0])
     own = rows[:, None] == idx[None, :]
     i2t = ((sim > best_pos[:, None]) & ~own).sum(axis=1)

@@ -153,8 +153,9 @@ class _Understanding(Evaluator):
             out = {"pooled": pooled.astype(jnp.float32),
                    "tokens_mean": tokens.astype(jnp.float32).mean(axis=1),
                    "ids": batch["text"]}
-            if "label" in batch:
-                out["label"] = batch["label"]
+            for key in ("label", "texts", "num_texts"):
+                if key in batch:
+                    out[key] = batch[key]
             return out
 
         # Shared by every understanding evaluator of this context: compiled once per batch shape.
@@ -217,28 +218,55 @@ class _Understanding(Evaluator):
 
 @register("retrieval")
 class Retrieval(_Understanding):
+    """One text per image (`text_key`), or several (`texts_key`: Karpathy COCO / Flickr30k
+    from `python -m ov3.data.convert karpathy`, 5 captions an image): then an image->text
+    hit is any of its captions in the top K, a text->image hit its own image."""
     KEYS = {
         "text_key": "",          # record field to retrieve ("caption"...), cut to config.data.text_len
                                  # tokens like in training; "": config.data.text_key (alt-text)
+        "texts_key": "",         # field with several captions an image; "": the dataset's
+                                 # (manifest texts_key) unless text_key is set
+        "max_texts": 0,          # captions read per image; 0: the split's most (manifest), else 8
         "ks": (1, 5, 10),
     }
     NEEDS = ("encode_image", "encode_text")
 
     @classmethod
     def check(cls, spec):
-        return _check_ks(spec)
+        errors = _check_ks(spec)
+        if spec["max_texts"] < 0:
+            errors.append(f"max_texts={spec['max_texts']}: use a count of captions, or 0 for the split's most")
+        return errors
 
     def __init__(self, name: str, spec: dict[str, Any], ctx: Context):
         super().__init__(name, spec, ctx)
         self.text_key = spec["text_key"] or ctx.cfg.data.text_key
+        manifest = self.manifest()
+        self.texts_key = spec["texts_key"] or ("" if spec["text_key"] else manifest.get("texts_key", ""))
+        most = manifest.get("per_split", {}).get(self.split, {}).get("max_texts", 0)
+        self.max_texts = int(spec["max_texts"]) or most or 8
 
     def run(self, params: Any, frozen: Any) -> dict[str, float]:
+        if self.texts_key:
+            return self.run_captions(params, frozen)
         out = self.collect(self.predict_images, params, frozen, text_key=self.text_key)
         # The same tokens are the same text: embed each distinct one once.
         _, first, group = np.unique(out["ids"], axis=0, return_index=True, return_inverse=True)
         texts = self.embed_texts(params, out["ids"][first])
         result = recall_at_k(out["pooled"], texts, group.reshape(-1), tuple(self.spec["ks"]))
         result.update(num_images=float(len(group)), num_texts=float(len(first)))
+        return result
+
+    def run_captions(self, params: Any, frozen: Any) -> dict[str, float]:
+        out = self.collect(self.predict_images, params, frozen, texts_key=self.texts_key,
+                           max_texts=self.max_texts)
+        counts = out["num_texts"].astype(np.int64)
+        has_text = counts > 0  # the converter keeps none without, other sources may
+        rows = np.repeat(np.arange(int(has_text.sum())), counts[has_text])
+        ids = np.concatenate([t[:n] for t, n in zip(out["texts"][has_text], counts[has_text])])
+        result = metrics_lib.retrieval_recall(out["pooled"][has_text], self.embed_texts(params, ids),
+                                              rows, tuple(self.spec["ks"]))
+        result.update(num_images=float(has_text.sum()), num_texts=float(len(ids)))
         return result
 
 
