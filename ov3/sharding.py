@@ -174,6 +174,16 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
         watchdog.cancel()
 
 
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+    """{name: count} summed over every process (the same names everywhere, same call order):
+    e.g. the examples each process's input pipeline skipped, logged as one total."""
+    if jax.process_count() == 1:
+        return dict(counts)
+    from jax.experimental import multihost_utils
+    totals = multihost_utils.process_allgather(np.asarray(list(counts.values()), np.int32)).sum(axis=0)
+    return dict(zip(counts, (int(t) for t in totals), strict=True))
+
+
 def shutdown_distributed(grace_s: float = 10.0) -> None:
     """`jax.distributed.shutdown`, with process 0's coordination service outliving the others.
 

@@ -297,7 +297,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
             values["step_time_s"] = elapsed / window_steps
             values["images_per_s"] = cfg.batch_size * window_steps / elapsed
             values.update(perf.utilisation(step_flops, values["step_time_s"]))
-            values.update({f"data/skipped/{k}": v for k, v in data.stats().items()})
+            values.update({f"data/skipped/{k}": v for k, v in sharding.sum_over_processes(data.stats()).items()})
             writer.scalars(step, values)
             if jax.process_index() == 0:
                 print(progress.line(step, values, values["images_per_s"]), flush=True)

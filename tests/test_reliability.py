@@ -279,6 +279,7 @@ import jax
 from ov3 import sharding
 sharding.maybe_initialize_distributed()
 me = jax.process_index()
+print("skipped", sharding.sum_over_processes({"corrupt_image": me + 1, "empty_text": 10 * me}), flush=True)
 sharding.sync_processes("work_done")
 t0 = time.monotonic()
 sharding.shutdown_distributed()
@@ -291,11 +292,15 @@ else:
 
 def test_coordinator_outlives_the_other_processes_at_shutdown(tmp_path):
     """Process 0 stops the coordination service only once the others have left (stopping it
-    under a last RPC aborts process 0 in gRPC: a finished run exiting 134)."""
+    under a last RPC aborts process 0 in gRPC: a finished run exiting 134); counts sum over
+    processes."""
     (tmp_path / "slow_exit.py").write_text(SLOW_EXIT)
     run = run_to_end(2, 1, module="slow_exit", env={"PYTHONPATH": str(tmp_path)})
     waited = float(run.wait_for(r"^\[p0\] service stopped after ([\d.]+)s", 5).group(1))
     assert 1.5 < waited < 10, run.tail()
+    # Per-process counts (e.g. skipped examples) are logged as their sum over processes.
+    for p in (0, 1):
+        assert f"[p{p}] skipped {{'corrupt_image': 3, 'empty_text': 10}}" in run.output, run.tail()
 
 
 def test_process_share_is_its_block_of_every_global_batch(config):
