@@ -232,3 +232,23 @@ def sync_processes(name: str, timeout_s: int = 1800) -> None:
     if jax.process_count() > 1:
         from orbax.checkpoint import multihost
         multihost.get_barrier_sync_fn()(key=f"ov3_{name}_{next(_SYNCS)}", timeout_ms=timeout_s * 1000)
+
+
+def jit_synced(fn: Any, name: str, **jit_kwargs: Any) -> Any:
+    """`jax.jit(fn, **jit_kwargs)` for programs compiled mid-run (evaluators): in a multi-process
+    run, each new input signature is compiled ahead of time and the processes meet at a
+    `sync_processes` barrier before its first run, for the reason given there."""
+    jitted = jax.jit(fn, **jit_kwargs)
+    if jax.process_count() == 1:
+        return jitted
+    compiled: dict[Any, Any] = {}
+
+    def call(*args: Any) -> Any:
+        leaves, tree = jax.tree.flatten(args)
+        key = (tree, tuple((np.shape(x), np.result_type(x), getattr(x, "sharding", None)) for x in leaves))
+        if key not in compiled:
+            compiled[key] = jitted.lower(*args).compile()
+            sync_processes(name)
+        return compiled[key](*args)
+
+    return call

@@ -399,6 +399,26 @@ def test_checkpoint_restores_on_other_meshes_and_processes(config, reference, tm
         np.testing.assert_array_equal(got[k], params[f"params/{k}"], err_msg=k)
 
 
+def test_evaluation_on_two_processes_matches_one(config, reference, tmp_path):
+    """`python -m ov3.evaluate` (reconstruction and retrieval on the held-out split) on 2 processes
+    x 4 devices gives the 1 x 8 numbers: each process reads its share of the split, and the
+    evaluators' programs, compiled mid-run, start on every process together."""
+    results = {}
+    for processes, devices in ((1, 8), (2, 4)):
+        workdir = copy_run(reference, tmp_path / f"{processes}x{devices}", STEPS)
+        run = run_to_end(processes, devices, "--workdir", str(workdir), module="ov3.evaluate")
+        assert "wrote " in run.output, run.tail()
+        results[processes] = json.loads((workdir / f"eval_{STEPS}.json").read_text())["results"]
+    assert sorted(results[1]) == sorted(results[2]) == ["reconstruction", "retrieval"]
+    assert "psnr" in results[1]["reconstruction"] and "i2t_R@1" in results[1]["retrieval"], results[1]
+    for name, want in results[1].items():
+        got = results[2][name]
+        assert sorted(got) == sorted(want), (name, got, want)
+        for metric in want:
+            if metric != "time_s":
+                np.testing.assert_allclose(got[metric], want[metric], rtol=1e-5, err_msg=f"{name}/{metric}")
+
+
 # ----------------------------------------------------------------------------- 3. SIGKILL mid-checkpoint
 
 def test_sigkill_while_committing_a_checkpoint_keeps_the_previous_one(config, reference, tmp_path):

@@ -170,8 +170,9 @@ class Evaluator:
             raise Ov3Error(f"{self.key(key)}={split!r}: {e}") from None
 
     def jit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """`fn` jitted with every output replicated over the mesh."""
-        return jax.jit(fn, out_shardings=sharding.replicated(self.ctx.mesh))
+        """`fn` jitted with every output replicated over the mesh (processes in step at its
+        first run: `sharding.jit_synced`)."""
+        return sharding.jit_synced(fn, f"eval_{self.name}", out_shardings=sharding.replicated(self.ctx.mesh))
 
     def jit_predict(self, fn: Callable[..., dict[str, jax.Array]]) -> Callable[..., dict[str, jax.Array]]:
         """`fn(params, frozen, batch, *extra) -> {name: [B, ...]}` jitted; the batch's mask
