@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ov3 import perf
@@ -103,3 +104,17 @@ def test_bench_reference_and_grid(tiny_vae):
     assert len(grid) == 8
     assert {(g["batch_size"], g["model"]["remat"], g["vae"]["remat_decoder"], g["vae"]["dtype"]) for g in grid} >= {
         (8, "none", False, "float32"), (16, "full", True, "bfloat16")}
+
+
+def test_bench_measures_a_step_with_and_without_cached_latents(tiny_vae):
+    cfg = tiny_config(tiny_vae.parent, tiny_vae, batch_size=8)
+    rows = {}
+    for cached in (False, True):
+        cfg.data.use_cached_latents = cached
+        rows[cached] = bench.measure(cfg.to_dict(), steps=1, warmup=1)
+    for r in rows.values():
+        assert r["batch"] == 8 and r["step_s"] > 0 and np.isfinite(r["loss"]) and r["peak_gib"] > 0
+        assert r["images_per_s"] == pytest.approx(8 / r["step_s"])
+    # The cached batch carries latents, so the step (and its FLOP count) leaves out the VAE encoder.
+    encoder = flops.task_costs(cfg, bench.build_task(cfg))["vae_encode"]
+    assert rows[False]["flops_per_example"] - rows[True]["flops_per_example"] == pytest.approx(encoder.train, rel=1e-6)

@@ -8,7 +8,9 @@ decoder) and compute dtype (towers and VAE) runs in a fresh process, so that pea
 own: the device's `peak_bytes_in_use` on GPU/TPU, the process's peak RSS on CPU. The VAE is a
 random-init FLUX.1 VAE (or the architecture of vae.path's config.json when that is a diffusers
 folder, e.g. a tiny one for tests); batches are random images and token ids, so no dataset,
-tokenizer or weights are needed. Compilation and `--warmup` steps are excluded from the timing.
+tokenizer or weights are needed (with --config.data.use_cached_latents=True the batches carry
+random latents, as the latent cache's do, and the step skips the VAE encoder: the cache's
+saving). Compilation and `--warmup` steps are excluded from the timing.
 
 The last lines put the result next to the paper's reference run: 200 epochs (~260M samples) at
 128 px in 6.0 h on a TPU v4-256, with what that implies per chip at this config's FLOPs.
@@ -38,6 +40,7 @@ def reference() -> dict[str, float]:
 
 def random_batch(task: Any, batch_size: int, image_size: int, mesh: Any, seed: int = 0) -> dict[str, Any]:
     import jax
+    import ml_dtypes
     import numpy as np
     from ov3 import sharding
     rng = np.random.default_rng(seed)
@@ -45,6 +48,9 @@ def random_batch(task: Any, batch_size: int, image_size: int, mesh: Any, seed: i
     host = {"image": rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32),
             "text": rng.integers(1, spec.vocab_size, (batch_size, spec.text_len), dtype=np.int32),
             "caption": rng.integers(1, spec.vocab_size, (batch_size, spec.caption_len), dtype=np.int32)}
+    if task.cfg.data.use_cached_latents:  # as the latent cache gives them: the step skips the VAE encoder
+        shape = (batch_size, task.latent_size, task.latent_size, spec.latent_channels)
+        host["latent"] = rng.normal(size=shape).astype(ml_dtypes.bfloat16)
     return jax.device_put(host, sharding.batch_sharding(mesh))
 
 
@@ -98,7 +104,8 @@ def measure(cfg_dict: dict, steps: int, warmup: int) -> dict[str, Any]:
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     peak = (stats["peak_bytes_in_use"] if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    step_flops = flops.train_flops_per_example(flops.task_costs(cfg, task)) * cfg.batch_size
+    step_flops = flops.train_flops_per_example(
+        flops.task_costs(cfg, task, cached_latents="latent" in batch)) * cfg.batch_size
     return {"batch": cfg.batch_size, "remat": cfg.model.remat, "dtype": cfg.model.dtype,
             "devices": jax.device_count(), "device_kind": device.device_kind, "compile_s": compile_s,
             "step_s": step_s, "images_per_s": cfg.batch_size / step_s,
