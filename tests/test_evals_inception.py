@@ -252,6 +252,7 @@ def test_pool3_features_match_torch_reference(parity_case):
     assert feats.shape == (2, inception.FEATURE_DIM)
     assert np.abs(ref).mean() > 0.05  # the random net did not collapse to zeros
     np.testing.assert_allclose(feats, ref, atol=1e-4, rtol=1e-4)
+    print(f"\nFID-Inception pool3 vs torch stand-in: max abs error {np.abs(feats - ref).max():.1e}")
 
 
 def test_matches_real_pytorch_fid_when_installed(parity_case, monkeypatch):
@@ -273,6 +274,8 @@ def test_matches_real_pytorch_fid_when_installed(parity_case, monkeypatch):
     with torch.no_grad():
         out = model(torch.from_numpy(images.transpose(0, 3, 1, 2)))[0].flatten(1).numpy()
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    feats = np.asarray(inception.make_feature_fn(inception.variables_from_state_dict(state))(jnp.asarray(images)))
+    print(f"\nFID-Inception pool3 vs pytorch-fid's InceptionV3: max abs error {np.abs(feats - out).max():.1e}")
 
 
 @pytest.mark.parametrize("size", [48, 331])

@@ -89,6 +89,8 @@ def test_encode_decode_parity(saved):
         want = _nhwc(model.decode(_nchw(z / sf)).sample)
     assert images_out.shape == (2, 16, 24, 3)
     assert _maxdiff(images_out, want) <= TOL
+    print(f"\nVAE {config['latent_channels']}-channel vs diffusers: posterior mean {_maxdiff(mean, _nhwc(post.mean)):.1e}, "
+          f"logvar {_maxdiff(logvar, _nhwc(post.logvar)):.1e}, decode {_maxdiff(images_out, want):.1e} (max abs)")
 
     # "scale_shift" is diffusers' FLUX pipeline: (mean - shift) * scale, and its inverse.
     vs = V.VAE(vae.module, vae.params, vae.config, latent_norm="scale_shift")
@@ -135,6 +137,7 @@ def test_flux_single_file_layout(tmp_path):
     with torch.no_grad():
         want = _nhwc(model.encode(_nchw(images)).latent_dist.mean) * FLUX_TINY["scaling_factor"]
     assert _maxdiff(from_flux.encode(images), want) <= TOL
+    print(f"\nVAE from FLUX's ae.safetensors layout: encode max abs error {_maxdiff(from_flux.encode(images), want):.1e}")
 
 
 def test_real_configs_match_diffusers_shapes():
@@ -178,6 +181,8 @@ def test_decoder_gradient_matches_torch():
         got = jax.jit(jax.grad(loss))(latents)
         assert _maxdiff(got, want) <= TOL * max(1.0, float(np.abs(want).max())), remat
         assert float(np.abs(want).max()) > 1e-3
+        print(f"\nVAE decoder gradient vs torch autograd (remat={remat}): max abs error {_maxdiff(got, want):.1e} "
+              f"(largest |grad| {float(np.abs(want).max()):.2f})")
 
 
 def test_save_pretrained_loads_in_diffusers(tmp_path):
