@@ -10,6 +10,7 @@ the same code path as the real configs.
 """
 
 from ov3.config import base_config
+from ov3.data.synthetic import SHAPES
 
 
 def get_config():
@@ -35,4 +36,12 @@ def get_config():
     # retrieval counts a repeated alt-text as the same text.
     c.evals.retrieval = dict(type="retrieval", every=200)
     c.evals.reconstruction = dict(type="reconstruction", every=200)
+    # After the last step only: the bound a perfect encoder + decoder could reach (the demo VAE
+    # alone), and classification by colour on the labelled set (one group per image): zero-shot
+    # from prompts naming the colour with every shape, and a linear probe on frozen features.
+    c.evals.vae_only = dict(type="reconstruction", vae_only=True)
+    colours = dict(data_path="runs/demo_data/colours", split="heldout")
+    c.evals.zero_shot = dict(type="zero_shot", templates=[f"a {{}} {shape}" for shape in SHAPES], ks=[1, 2],
+                             **colours)
+    c.evals.linear_probe = dict(type="linear_probe", train_split="train", **colours)
     return c

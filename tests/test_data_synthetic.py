@@ -41,7 +41,7 @@ def test_texts_describe_the_image():
 def test_write_dataset(tmp_path):
     out = str(tmp_path / "shapes")
     synthetic.main(["--out", out, "--num-train", "24", "--num-heldout", "8", "--size",
-                    "32", "--seed", "5", "--vocab-size", "300"])
+                    "32", "--seed", "5", "--vocab-size", "300", "--num-labelled", "10", "6"])
     m = records.read_manifest(out)
     assert m["splits"]["train"]["num_examples"] == 24
     assert m["splits"]["heldout"]["num_examples"] == 8
@@ -62,3 +62,30 @@ def test_write_dataset(tmp_path):
 def _sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_labelled_set(tmp_path):
+    """DIR/colours: one group per image, labelled by its colour's index in COLOURS, classes in the
+    manifest; the pipeline yields the labels, and TFDS reads them as a ClassLabel."""
+    from ov3.data import pipeline
+    out = str(tmp_path / "data")
+    splits = synthetic.write_dataset(out, 8, 4, 32, seed=2, vocab_size=200, num_labelled=(20, 10))
+    assert splits["colours/train"]["num_examples"] == 20 and splits["colours/heldout"]["num_examples"] == 10
+    folder = os.path.join(out, synthetic.LABELLED_SUBDIR)
+    m = records.read_manifest(folder)
+    colours = list(synthetic.COLOURS)
+    assert m["classes"] == colours and m["label_key"] == "label"
+    examples = [synthetic.make_example(3, "heldout", i, 32, one_group=True) for i in range(10)]
+    for ex in examples:
+        name = colours[ex["label"]]
+        assert f" {name} " in f" {ex['alt_text']} " and " and " not in ex["alt_text"]  # one group, that colour
+        assert not any(f" {other} " in f" {ex['alt_text']} " for other in colours if other != name)
+    assert len({ex["label"] for ex in examples}) > 1
+    cfg = pipeline.default_config()
+    cfg.update(path=folder, tokenizer=os.path.join(out, "tokenizer.json"), label_key="label", read_threads=1)
+    batches = list(pipeline.make_iterator(cfg, mesh=None, global_batch_size=5, image_size=32, split="heldout",
+                                          train=False, seed=0))
+    got = np.concatenate([b["label"][b["mask"]] for b in batches])
+    assert sorted(got.tolist()) == sorted(ex["label"] for ex in examples)
+    import tensorflow_datasets as tfds
+    assert tfds.builder_from_directory(folder).info.features["label"].names == colours

@@ -16,7 +16,12 @@ seed gives byte-identical PNGs and texts, and a larger --num-train only appends.
     python -m ov3.data.synthetic --out DIR --num-train 4096 --num-heldout 256 --size 64
 
 writes DIR as described in ov3.data.records (splits "train" and "heldout") plus a
-WordPiece vocabulary trained on the train texts, DIR/tokenizer.json.
+WordPiece vocabulary trained on the train texts, DIR/tokenizer.json. It also writes a
+labelled set, DIR/colours (splits "train" and "heldout", --num-labelled), for the zero-shot
+and linear-probe evaluators: each image holds one group (one shape in one colour), its int
+`label` is the colour's index in COLOURS and the manifest lists the colours as its `classes`,
+as `python -m ov3.data.convert imagefolder` writes a classification set. (Colour, not shape:
+at the demo's 32 px a small shape is a few pixels across.)
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ CELLS = (("top left", "at the top left"), ("top", "at the top"),
          ("bottom left", "at the bottom left"), ("bottom", "at the bottom"),
          ("bottom right", "at the bottom right"))
 NUMBERS = ("a", "two", "three")
+LABELLED_SUBDIR = "colours"  # the labelled set, a records folder of its own inside DIR
 
 
 def _count(n: int, next_word: str) -> str:
@@ -89,11 +95,14 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         raise ValueError(shape)
 
 
-def make_example(seed: int, split: str, index: int, size: int = 64) -> dict:
-    """Example `index` of `split`: {key, image (PNG bytes), alt_text, caption}."""
+def make_example(seed: int, split: str, index: int, size: int = 64, one_group: bool = False) -> dict:
+    """Example `index` of `split`: {key, image (PNG bytes), alt_text, caption}; with
+    `one_group`, a single group, and its colour's index in COLOURS as `label`."""
     # crc32, not hash(): str hashes change between Python processes.
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     n_groups = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+    if one_group:
+        n_groups = 1
     kinds = rng.choice(len(SHAPES) * len(COLOURS), size=n_groups, replace=False)
     counts = [int(rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15])) for _ in range(n_groups)]
     cells = list(rng.permutation(len(CELLS))[:sum(counts)])
@@ -123,35 +132,59 @@ def make_example(seed: int, split: str, index: int, size: int = 64) -> dict:
     img = img.reduce(_SUPERSAMPLE)  # Box-average 4x4 blocks: antialiased edges, fast.
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
-    return {
+    example = {
         "key": f"{split}-{index:07d}",
         "image": buf.getvalue(),
         "alt_text": _join(alt_parts),
         "caption": (f"a small image showing {_join(caption_parts)} "
                     f"on a {background} background"),
     }
+    if one_group:
+        example["label"] = int(kinds[0]) // len(SHAPES)
+    return example
 
 
-def write_dataset(out: str, num_train: int, num_heldout: int, size: int = 64,
-                  seed: int = 0, vocab_size: int = 512,
-                  examples_per_shard: int = 2048) -> dict:
-    """Writes the train and heldout splits, the manifest and DIR/tokenizer.json."""
+def _write_splits(out: str, sizes: dict[str, int], seed: int, size: int, one_group: bool,
+                  examples_per_shard: int) -> tuple[dict, list[str]]:
+    """-> (manifest entry of each split, the train split's texts)."""
     splits, texts = {}, []
-    for split, n in (("train", num_train), ("heldout", num_heldout)):
+    for split, n in sizes.items():
         writer = records.SplitWriter(out, split, max(1, math.ceil(n / examples_per_shard)))
         for i in range(n):
-            ex = make_example(seed, split, i, size)
-            writer.write(ex["key"], ex["image"], ex["alt_text"], ex["caption"])
+            ex = make_example(seed, split, i, size, one_group)
+            writer.write(ex["key"], ex["image"], ex["alt_text"], ex["caption"],
+                         {"label": ex["label"]} if one_group else None)
             if split == "train":
                 texts += [ex["alt_text"], ex["caption"]]
         splits[split] = writer.close()
+    return splits, texts
+
+
+def write_dataset(out: str, num_train: int, num_heldout: int, size: int = 64,
+                  seed: int = 0, vocab_size: int = 512, num_labelled: tuple[int, int] = (256, 128),
+                  examples_per_shard: int = 2048) -> dict:
+    """Writes the train and heldout splits, the manifest and DIR/tokenizer.json, and the
+    labelled set DIR/colours with `num_labelled` (train, heldout) examples (none if both are 0).
+    Returns the manifest entry of each split, the labelled set's as "colours/<split>"."""
+    extra = {"source": "ov3.data.synthetic", "seed": seed, "image_size": size}
+    splits, texts = _write_splits(out, {"train": num_train, "heldout": num_heldout}, seed, size,
+                                  False, examples_per_shard)
     tok = train_wordpiece(texts, vocab_size, os.path.join(out, "tokenizer.json"))
     records.write_metadata(
         out, splits, name="ov3_synthetic_shapes",
         description="Procedural coloured shapes with alt texts and captions "
                     "(ov3.data.synthetic).",
-        extra={"source": "ov3.data.synthetic", "seed": seed, "image_size": size,
-               "tokenizer": "tokenizer.json", "vocab_size": tok.vocab_size})
+        extra={**extra, "tokenizer": "tokenizer.json", "vocab_size": tok.vocab_size})
+    if any(num_labelled):
+        folder = os.path.join(out, LABELLED_SUBDIR)
+        labelled, _ = _write_splits(folder, dict(zip(("train", "heldout"), num_labelled)), seed + 1, size,
+                                    True, examples_per_shard)
+        records.write_metadata(
+            folder, labelled, name="ov3_synthetic_shapes_by_colour",
+            description="One group of shapes per image, labelled by colour (ov3.data.synthetic).",
+            extra={**extra, "seed": seed + 1, "classes": list(COLOURS), "label_key": "label"})
+        records.add_class_label(folder, list(COLOURS))
+        splits.update({f"{LABELLED_SUBDIR}/{k}": v for k, v in labelled.items()})
     return splits
 
 
@@ -163,10 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--num-labelled", type=int, nargs=2, default=[256, 128], metavar=("TRAIN", "HELDOUT"),
+                   help="examples of the labelled set DIR/colours (0 0: none)")
     args = p.parse_args(argv)
     t0 = time.time()
     splits = write_dataset(args.out, args.num_train, args.num_heldout, args.size,
-                           args.seed, args.vocab_size)
+                           args.seed, args.vocab_size, tuple(args.num_labelled))
     for name, info in splits.items():
         print(f"{name}: {info['num_examples']} examples, {info['num_bytes']} bytes, "
               f"{len(info['shards'])} shards")
