@@ -210,12 +210,20 @@ class StopSignal:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
-def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any) -> None:
+def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any, trainer: Trainer) -> None:
+    """DIR/config.json, DIR/tokenizer.json, and DIR/parameters.txt: every trainable tensor with
+    its shape, size and mesh axes (clu's parameter overview, as the Flax examples log it)."""
     if jax.process_index() != 0:
         return
+    from clu import parameter_overview
     (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     if tokenizer is not None:
         shutil.copyfile(tokenizer_path(cfg), workdir / "tokenizer.json")
+    params = trainer.abstract_state.params
+    table = parameter_overview.get_parameter_overview(params, include_stats="sharding")
+    (workdir / "parameters.txt").write_text(table + "\n")
+    print(f"{sum(x.size for x in jax.tree.leaves(params)):,} trainable parameters "
+          f"(per tensor: {workdir / 'parameters.txt'})", flush=True)
 
 
 def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, images: jax.Array,
@@ -250,7 +258,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
                                   tokenizer=tokenizer)
     ckpt_lib.check_free_space(workdir, trainer.abstract_state, cfg.keep_checkpoints)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
-    save_config(cfg, workdir, tokenizer)
+    save_config(cfg, workdir, tokenizer, trainer)
 
     start = checkpointer.latest_step()
     if start is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import jax
@@ -98,6 +99,11 @@ def test_resume_is_exact(assets, tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), pa, pb)
     assert (straight / "reconstructions_000004.png").exists()
     assert json.loads((straight / "config.json").read_text())["model"]["encoder"] == "mu/2"
+    # clu's parameter table: one row per trainable tensor (the VAE is frozen: not there), with its mesh axes.
+    table = (straight / "parameters.txt").read_text()
+    n = sum(x.size for x in jax.tree.leaves(abstract.params))
+    assert f"Total: {n:,}" in table and "vae" not in table
+    assert re.search(r"\| encoder/transformer/resblocks/attn/qkv_kernel +\| \(2, 64, 3, 4, 16\) .*\| \(None, 'fsdp', None, 'tensor', None\) +\|", table), table[:2000]
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(assets, tmp_path):
