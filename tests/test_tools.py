@@ -118,3 +118,12 @@ def test_bench_measures_a_step_with_and_without_cached_latents(tiny_vae):
     # The cached batch carries latents, so the step (and its FLOP count) leaves out the VAE encoder.
     encoder = flops.task_costs(cfg, bench.build_task(cfg))["vae_encode"]
     assert rows[False]["flops_per_example"] - rows[True]["flops_per_example"] == pytest.approx(encoder.train, rel=1e-6)
+
+
+def test_vocab_size_is_the_config_tokenizers_when_on_disk(tmp_path, tiny_vae):
+    from ov3.data.tokenizer import train_wordpiece
+    cfg = tiny_config(tmp_path, tiny_vae)  # data.path = tmp_path: no tokenizer.json yet
+    assert summary.vocab_size(cfg) == summary.VOCAB_SIZE == 32000
+    tok = train_wordpiece(["a red circle", "two blue squares"] * 4, vocab_size=100,
+                          out_path=str(tmp_path / "tokenizer.json"))
+    assert summary.vocab_size(cfg) == tok.vocab_size <= 100

@@ -7,10 +7,11 @@ Every combination of batch (global, over this machine's devices), remat policy (
 decoder) and compute dtype (towers and VAE) runs in a fresh process, so that peak memory is its
 own: the device's `peak_bytes_in_use` on GPU/TPU, the process's peak RSS on CPU. The VAE is a
 random-init FLUX.1 VAE (or the architecture of vae.path's config.json when that is a diffusers
-folder, e.g. a tiny one for tests); batches are random images and token ids, so no dataset,
-tokenizer or weights are needed (with --config.data.use_cached_latents=True the batches carry
-random latents, as the latent cache's do, and the step skips the VAE encoder: the cache's
-saving). Compilation and `--warmup` steps are excluded from the timing.
+folder, e.g. the demo's), the vocabulary `ov3.tools.summary.vocab_size`'s, and the batches random
+images and token ids, so no dataset or weights are needed. With
+--config.data.use_cached_latents=True the batches carry random latents, as the latent cache's
+do, and the step skips the VAE encoder: the cache's saving. Compilation and `--warmup` steps are
+excluded from the timing.
 
 The last lines put the result next to the paper's reference run: 200 epochs (~260M samples) at
 128 px in 6.0 h on a TPU v4-256, with what that implies per chip at this config's FLOPs.
@@ -61,14 +62,14 @@ def build_task(cfg: Any) -> Any:
     from ov3 import tasks
     from ov3.models import lpips as lpips_lib
     from ov3.models import vae as vae_lib
-    from ov3.tools.summary import VOCAB_SIZE, vae_config
+    from ov3.tools.summary import vae_config, vocab_size
     from ov3.train import DTYPES
 
     vae = vae_lib.init_random(vae_config(cfg), cfg.seed, dtype=DTYPES[cfg.vae.dtype],
                               latent_norm=cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
     no_lpips = cfg.copy_and_resolve_references()
     no_lpips.loss.lpips = 0.0
-    task = tasks.OV3Task(no_lpips, vae=vae, vocab_size=VOCAB_SIZE, pad_id=0)
+    task = tasks.OV3Task(no_lpips, vae=vae, vocab_size=vocab_size(cfg), pad_id=0)
     task.cfg = cfg
     if cfg.loss.lpips > 0:
         x = jnp.zeros((1, 32, 32, 3))

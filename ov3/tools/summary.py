@@ -24,7 +24,8 @@
    `jax.sharding.AbstractMesh` lowers but does not compile, so it gives no memory analysis.
 
 No weights, dataset or tokenizer are read: the VAE is FLUX.1's architecture (or the config.json
-at vae.path when that is a diffusers folder) and the vocabulary has VOCAB_SIZE entries.
+at vae.path when that is a diffusers folder) and the vocabulary has VOCAB_SIZE entries (or the
+size of the config's tokenizer file, when it exists: the demo's).
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def vae_config(cfg: Any) -> Any:
     return vae_lib.VAEConfig.from_dict(vae_lib.FLUX1_DEV_CONFIG)
 
 
+def vocab_size(cfg: Any) -> int:
+    """The size of the config's tokenizer when its file is on disk (the demo's), else VOCAB_SIZE."""
+    from ov3.train import tokenizer_path
+    path = pathlib.Path(tokenizer_path(cfg))
+    if not path.is_file():
+        return VOCAB_SIZE
+    from ov3.data.tokenizer import Tokenizer
+    return Tokenizer.from_file(str(path)).vocab_size
+
+
 def abstract_task(cfg: Any) -> Any:
     """An OV3Task whose frozen params (VAE, LPIPS) are ShapeDtypeStructs: nothing is loaded."""
     import jax
@@ -69,7 +80,7 @@ def abstract_task(cfg: Any) -> Any:
     vae = vae_lib.VAE(module, params, config, cfg.vae.latent_norm)
     no_lpips = cfg.copy_and_resolve_references()
     no_lpips.loss.lpips = 0.0  # the task would load VGG weights; put abstract ones in instead
-    task = tasks.OV3Task(no_lpips, vae=vae, vocab_size=VOCAB_SIZE, pad_id=0)
+    task = tasks.OV3Task(no_lpips, vae=vae, vocab_size=vocab_size(cfg), pad_id=0)
     task.cfg = cfg
     if cfg.loss.lpips > 0:
         x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
