@@ -93,3 +93,41 @@ def test_hf_cli_tokenizer_and_card(setup, tmp_path):
     assert "add_pooling_layer=False" in card and "posterior.mean * 0.3611" in card
     cfg = testing.read_json(out / "vision" / "config.json")
     assert (cfg["num_channels"], cfg["image_size"], cfg["patch_size"], cfg["layer_norm_eps"]) == (16, 8, 2, 1e-6)
+
+
+def test_trained_checkpoint_runs_as_the_readme_llava_recipe(tmp_path):
+    """4 real steps of ov3.train, exported by the CLI. The README's LLaVA tower (diffusers VAE:
+    posterior mean x scaling_factor -> ViTModel tokens), its pooled-embedding recipe and
+    SiglipTextModel with the exported tokenizer reproduce ov3.inference.Encoder on images and texts."""
+    diffusers = pytest.importorskip("diffusers")
+    from ov3 import train
+    from ov3.inference import Encoder
+    from tests.helpers import make_assets, tiny_config
+    data, vae_dir = make_assets(tmp_path)
+    work, out = tmp_path / "run", tmp_path / "export"
+    train.train(tiny_config(data, vae_dir), work)
+    assert export_main(["--workdir", str(work), "--out", str(out), "--format", "hf"]) == 0
+
+    enc = Encoder.from_workdir(work)
+    images = np.random.default_rng(0).uniform(-1, 1, (3, enc.image_size, enc.image_size, 3)).astype(np.float32)
+    pooled, tokens = (np.asarray(x) for x in enc.encode_images(images))
+    texts = ["a red circle", "two blue squares and a green cross on a white background"]
+    text = np.asarray(enc.encode_text(texts))
+
+    vae = diffusers.AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    vit = _load(transformers.AutoModel, out / "vision", add_pooling_layer=False)
+    text_model = _load(transformers.SiglipTextModel, out / "text")
+    tok = transformers.AutoTokenizer.from_pretrained(str(out / "text"))
+    proj = safetensors_torch.load_file(str(out / "vision" / hf.POOLING_HEAD_NAME))["proj"]
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        got_tokens = vit(pixel_values=z, output_hidden_states=True).hidden_states[-1][:, 1:]
+        got_pooled = vit.layernorm(got_tokens.mean(1)) @ proj
+        ids = tok(texts, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+        got_text = text_model(input_ids=ids).pooler_output
+    errs = {"tokens (VAE + ViTModel)": testing.max_err(got_tokens, tokens),
+            "pooled": testing.max_err(got_pooled, pooled), "text": testing.max_err(got_text, text)}
+    print(f"\ntrained checkpoint, README recipe vs ov3.inference: max abs error {errs}")
+    assert max(errs.values()) <= TOL, errs
+    assert np.abs(tokens).max() > 0.1 and np.abs(text).max() > 0.01  # real outputs, not zeros
