@@ -103,15 +103,48 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def shardings_from_logical(abstract_boxed: Any, mesh: Mesh) -> Any:
-    """Boxed (logically annotated) abstract pytree -> unboxed pytree of NamedSharding."""
+    """Boxed (logically annotated) abstract pytree -> unboxed pytree of NamedSharding. Prints a
+    warning when much of it stays whole on an axis that cannot split it (`unsplit_note`)."""
     logical = nn.get_partition_spec(abstract_boxed)
     unboxed = nn.meta.unbox(abstract_boxed)
+    unsplit: list[tuple[int, int, tuple[str, ...]]] = []  # (bytes, dim, mesh axes) an axis left whole
 
     def one(spec: P, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
         mesh_spec = nn.logical_to_mesh_axes(spec, RULES) if len(spec) else P()
-        return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh))
+        fitted = _fit(mesh_spec, leaf.shape, mesh)
+        for dim, want, got in zip(leaf.shape, tuple(mesh_spec), tuple(fitted)):
+            if want is not None and got is None:
+                names = want if isinstance(want, tuple) else (want,)
+                unsplit.append((leaf.size * leaf.dtype.itemsize, dim, names))
+                break  # a tensor's bytes count once
+        return NamedSharding(mesh, fitted)
 
-    return jax.tree.map(one, logical, unboxed, is_leaf=lambda x: isinstance(x, P))
+    out = jax.tree.map(one, logical, unboxed, is_leaf=lambda x: isinstance(x, P))
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(unboxed))
+    note = unsplit_note(unsplit, total, mesh)
+    if note and jax.process_index() == 0:
+        print(f"warning: {note}", flush=True)
+    return out
+
+
+def unsplit_note(unsplit: list[tuple[int, int, tuple[str, ...]]], total_bytes: int, mesh: Mesh,
+                 threshold: float = 0.05) -> str | None:
+    """A sentence when tensors holding more than `threshold` of the bytes stay whole on a mesh
+    axis whose size does not divide their dimension (e.g. width 1152 over fsdp=256): every
+    device then holds all of them, a silent memory cost."""
+    by_dim: dict[tuple[int, tuple[str, ...]], int] = {}
+    for size, dim, names in unsplit:
+        by_dim[(dim, names)] = by_dim.get((dim, names), 0) + size
+    size = sum(by_dim.values())
+    if size <= threshold * total_bytes:
+        return None
+    worst = sorted(by_dim, key=by_dim.get, reverse=True)[:3]
+    shown = ", ".join(f"dim {dim} over {'x'.join(names)}={math.prod(mesh.shape[n] for n in names)}"
+                      for dim, names in worst)
+    return (f"{size / 2 ** 30:.3g} GiB ({100 * size / total_bytes:.0f}%) of the train state is not split "
+            f"where the rules say ({shown}: the axis size does not divide the dimension), so every device "
+            f"on that axis holds it whole. Pick config.mesh sizes that divide the model's widths "
+            f"(mesh now {dict(mesh.shape)}).")
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

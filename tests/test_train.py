@@ -69,6 +69,19 @@ def test_params_are_sharded_by_the_rules(assets):
     assert "vae" not in str(jax.tree_util.tree_structure(trainer.abstract_state))
 
 
+def test_a_mesh_that_cannot_split_the_model_says_so(assets, capsys):
+    """tensor=8 cannot split the tiny model's 4 heads: the attention weights stay whole on every
+    device, and the trainer says how much and why (a divisible mesh says nothing)."""
+    data, vae = assets
+    cfg = tiny_config(data, vae)
+    for axes, warned in ((dict(data=1, fsdp=1, tensor=8), True), (dict(data=2, fsdp=2, tensor=2), False)):
+        cfg.mesh.update(axes)
+        train.Trainer(cfg, sharding.make_mesh(cfg.mesh), train.build_task(cfg)[0])
+        out = capsys.readouterr().out
+        assert bool(re.search(r"warning: \S+ GiB \(\d+%\) of the train state is not split where the rules say "
+                              r"\(dim 4 over tensor=8[,:]", out)) == warned, out
+
+
 def read_losses(workdir):
     return {row["step"]: row for row in metrics_lib.read_jsonl(workdir / "metrics.jsonl")}
 
