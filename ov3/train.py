@@ -222,7 +222,7 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
     params = trainer.abstract_state.params
     table = parameter_overview.get_parameter_overview(params, include_stats="sharding")
     (workdir / "parameters.txt").write_text(table + "\n")
-    print(f"{sum(x.size for x in jax.tree.leaves(params)):,} trainable parameters "
+    print(f"{int(parameter_overview.count_parameters(params)):,} trainable parameters "
           f"(per tensor: {workdir / 'parameters.txt'})", flush=True)
 
 
