@@ -60,10 +60,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any | None, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_state: dict | None, force: bool = False) -> bool:
+        """data_state: the iterator's `get_state()` at the batch of step + 1 (the loop has
+        usually fetched that batch already, so it passes the position it noted before)."""
         items = {"state": ocp.args.StandardSave(state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
+        if data_state is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:

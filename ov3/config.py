@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
         posemb="sincos",        # "sincos" fixed, or "learn"
         remat="none",           # "none" | "full" | "dots"
         dtype="float32",        # compute dtype; params stay float32
+        attention_impl="xla",   # jax.nn.dot_product_attention: "xla", or "cudnn" (fused flash attention;
+                                # NVIDIA GPUs, bfloat16 only)
     ))
 
     c.vae = ml_collections.ConfigDict(dict(
@@ -87,7 +89,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     errors = _unknown_keys(cfg, base_config())
     choices = {"task": ("ov3", "vae"), "nonfinite": ("stop", "skip"),
                "model.posemb": ("sincos", "learn"), "model.remat": ("none", "full", "dots"),
-               "model.dtype": ("float32", "bfloat16"), "vae.dtype": ("float32", "bfloat16"),
+               "model.dtype": ("float32", "bfloat16"), "model.attention_impl": ("xla", "cudnn"),
+               "vae.dtype": ("float32", "bfloat16"),
                "vae.latent_norm": ("scale", "scale_shift"), "optim.mu_dtype": ("float32", "bfloat16")}
     for key, allowed in choices.items():
         value = cfg
@@ -95,6 +98,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             value = value.get(part) if value is not None else None
         if value is not None and value not in allowed:
             errors.append(f"config.{key}={value!r} must be one of {allowed}")
+    if cfg.model.get("attention_impl") == "cudnn" and cfg.model.dtype != "bfloat16":
+        errors.append("config.model.attention_impl='cudnn' needs config.model.dtype='bfloat16' "
+                      "(cuDNN's fused attention takes fp16/bf16 only)")
     if cfg.image_size % 16:
         errors.append(f"config.image_size={cfg.image_size} must be divisible by 16 "
                       "(VAE x8, then ViT patch 2); e.g. 128, 224 or 256")

@@ -8,6 +8,8 @@ device is one chip (both TensorCores, "megacore").
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 # jax.Device.device_kind -> peak dense bf16 TFLOP/s. Sources: Cloud TPU system-architecture
@@ -48,3 +50,32 @@ def utilisation(step_flops: float, step_time_s: float, num_devices: int | None =
     if peak is not None:
         out["mfu"] = tflops / peak
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """What a roofline needs of one JAX device (ov3.tools.roofline): dense bf16 FLOP/s, HBM bytes/s,
+    and inter-chip bytes/s (all links of the chip together)."""
+    peak_flops: float
+    hbm_bytes_per_s: float
+    ici_bytes_per_s: float
+
+
+# Vendor figures. TPU: Cloud TPU system-architecture pages (HBM GB/s; ICI Gbit/s per chip / 8).
+# GPU: NVIDIA datasheets (HBM; NVLink 900 GB/s on H100/H200 SXM, 600 on A100 SXM).
+HARDWARE: dict[str, Hardware] = {
+    "TPU v4": Hardware(275e12, 1200e9, 2400e9 / 8),
+    "TPU v5 lite": Hardware(197e12, 819e9, 1600e9 / 8),
+    "TPU v5e": Hardware(197e12, 819e9, 1600e9 / 8),
+    "TPU v5": Hardware(459e12, 2765e9, 4800e9 / 8),
+    "TPU v5p": Hardware(459e12, 2765e9, 4800e9 / 8),
+    "TPU v6 lite": Hardware(918e12, 1640e9, 3584e9 / 8),
+    "TPU v6e": Hardware(918e12, 1640e9, 3584e9 / 8),
+    "NVIDIA A100-SXM4-80GB": Hardware(312e12, 2039e9, 600e9),
+    "NVIDIA H100 80GB HBM3": Hardware(989e12, 3350e9, 900e9),
+    "NVIDIA H200": Hardware(989e12, 4800e9, 900e9),
+}
+
+
+def hardware(device_kind: str) -> Hardware | None:
+    return HARDWARE.get(device_kind)

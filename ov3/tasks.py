@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ov3 import losses
+from ov3.data.pipeline import image_to_float
 from ov3.errors import Ov3Error
 from ov3.models import registry
 from ov3.models import vae as vae_lib
@@ -33,7 +34,14 @@ def load_lpips(cfg: ml_collections.ConfigDict) -> tuple[Any, Any] | None:
                        "(vgg16-397923af.pth, downloadable on a machine with internet via "
                        "torchvision.models.vgg16(weights='IMAGENET1K_V1')).")
     _, params = lpips_lib.load_lpips(cfg.lpips.vgg_path, cfg.lpips.heads_path or None)
-    return lpips_lib.lpips_fn, params
+    return lpips_apply(cfg), params
+
+
+def lpips_apply(cfg: ml_collections.ConfigDict) -> Any:
+    """LPIPS(params, x, y) with its VGG trunk in the model's compute dtype (config.model.dtype)."""
+    import functools
+    from ov3.models import lpips as lpips_lib
+    return functools.partial(lpips_lib.lpips_fn, dtype=jnp.dtype(cfg.model.dtype))
 
 
 class OV3Task:
@@ -71,15 +79,17 @@ class OV3Task:
     def encode(self, frozen: dict[str, Any], batch: Batch) -> jax.Array:
         if "latent" in batch:  # from the latent cache: the VAE encoder is skipped altogether
             return batch["latent"].astype(jnp.float32)
-        return jax.lax.stop_gradient(self.vae.encode_fn(frozen["vae"], batch["image"]))
+        with jax.named_scope("vae_encode"):  # scope names: per-component costs (ov3.tools.roofline)
+            return jax.lax.stop_gradient(self.vae.encode_fn(frozen["vae"], image_to_float(batch["image"])))
 
     def loss(self, params: Any, frozen: dict[str, Any], batch: Batch, rng: jax.Array
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
         c = self.cfg.loss
-        x = batch["image"]
+        x = image_to_float(batch["image"])
         z = self.encode(frozen, batch)
         out = self.model.apply({"params": params}, z, batch["text"], batch["caption"], rngs={"noise": rng})
-        x_hat = self.vae.decode_fn(frozen["vae"], out["latents_hat"])
+        with jax.named_scope("vae_decode"):
+            x_hat = self.vae.decode_fn(frozen["vae"], out["latents_hat"])
         terms = {
             "loss/rec_pixel_l1": losses.l1(x, x_hat),
             "loss/rec_latent_l1": losses.l1(z, out["latents_hat"]),
@@ -88,7 +98,8 @@ class OV3Task:
         }
         rec = terms["loss/rec_pixel_l1"] + c.beta * terms["loss/rec_latent_l1"]
         if self.lpips is not None:
-            terms["loss/lpips"] = jnp.mean(self.lpips[0](frozen["lpips"], x, x_hat))
+            with jax.named_scope("lpips"):
+                terms["loss/lpips"] = jnp.mean(self.lpips[0](frozen["lpips"], x, x_hat))
             rec = rec + c.lpips * terms["loss/lpips"]
         und = terms["loss/caption"] + c.alpha * terms["loss/contrastive"]
         terms["loss/rec"], terms["loss/und"] = rec, und
@@ -99,7 +110,7 @@ class OV3Task:
 
     def reconstruct(self, params: Any, frozen: dict[str, Any], images: jax.Array) -> jax.Array:
         """Noise-free image -> VAE -> encoder -> decoder -> VAE decoder, for grids and evals."""
-        z = jax.lax.stop_gradient(self.vae.encode_fn(frozen["vae"], images))
+        z = jax.lax.stop_gradient(self.vae.encode_fn(frozen["vae"], image_to_float(images)))
         _, tokens = self.model.apply({"params": params}, z, method=OV3Model.encode_image)
         z_hat = self.model.apply({"params": params}, tokens, method=OV3Model.decode_tokens)
         return self.vae.decode_fn(frozen["vae"], z_hat)
@@ -126,7 +137,7 @@ class VAETask:
 
     def loss(self, params: Any, frozen: dict[str, Any], batch: Batch, rng: jax.Array
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        x = batch["image"]
+        x = image_to_float(batch["image"])
         mean, logvar = self.vae.posterior(params, x)
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
         x_hat = self.vae.decode_raw_fn(params, z)
@@ -138,14 +149,14 @@ class VAETask:
         return total, terms
 
     def reconstruct(self, params: Any, frozen: dict[str, Any], images: jax.Array) -> jax.Array:
-        mean, _ = self.vae.posterior(params, images)
+        mean, _ = self.vae.posterior(params, image_to_float(images))
         return self.vae.decode_raw_fn(params, mean)
 
     def save_vae(self, params: Any, images: jax.Array, out_dir: pathlib.Path) -> pathlib.Path:
         """Write the fitted VAE in diffusers layout (loadable by diffusers and `vae.from_pretrained`),
         with `scaling_factor` = 1 / std of the posterior means on `images`, the same recipe that
         gave SD its 0.18215, so the ViT sees unit-variance latents."""
-        mean, _ = self.vae.posterior(params, images)
+        mean, _ = self.vae.posterior(params, image_to_float(images))
         config = dataclasses.replace(self.vae.config, scaling_factor=float(1.0 / jnp.std(mean)))
         vae_lib.save_pretrained(vae_lib.VAE(self.vae.module, jax.device_get(params), config), out_dir)
         return out_dir

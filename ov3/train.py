@@ -118,8 +118,9 @@ class Trainer:
         rng = jax.random.fold_in(jax.random.key(self.cfg.seed), state.step)
         (loss, terms), grads = jax.value_and_grad(self.task.loss, has_aux=True)(
             state.params, frozen, batch, rng)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):  # the scope names the cost in ov3.tools.roofline
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         # The update too: a finite gradient can still give a non-finite update (a NaN learning rate).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
@@ -192,22 +193,34 @@ def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT -> finish the current step, save, exit cleanly (preemption)."""
+    """SIGTERM/SIGINT -> finish the current step, save, exit cleanly (preemption).
+
+    Several processes must stop after the same step. They agree through jax.distributed's
+    coordination service: its preemption sync manager catches SIGTERM on any process and
+    settles on a step every process has yet to reach (the largest step any was at, plus one),
+    and `reached(step)` is True there on all of them. That is a local check per step: no
+    device collective, so the host never waits for the step in flight (what an all-gather of
+    a flag every step costs). SIGINT is passed on to it as SIGTERM. One process: a flag.
+    """
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.synced = jax.distributed.is_initialized()  # the preemption service comes with it (jax default)
+        for sig in ((signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT)):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
+        if self.synced:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the sync manager's own SIGTERM handler
+        else:
+            self.requested = True
 
-    def agreed(self) -> bool:
-        """True on every process as soon as any process got the signal."""
-        if jax.process_count() == 1:
+    def reached(self, step: int) -> bool:
+        """Call after every step with its number, on every process: True on all at the same step."""
+        if not self.synced:
             return self.requested
         from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+        return multihost_utils.reached_preemption_sync_point(step)
 
 
 def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any, trainer: Trainer) -> None:
@@ -246,7 +259,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     config_lib.validate(cfg)
     workdir = prepare_workdir(workdir)
     sharding.maybe_initialize_distributed()
-    stop = StopSignal()  # after jax.distributed (which installs its own SIGTERM handler), before the slow parts
+    stop = StopSignal()  # after jax.distributed (its preemption service handles SIGTERM), before the slow parts
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.batch_size, mesh)
     task, tokenizer = build_task(cfg)
@@ -269,6 +282,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     else:
         state = checkpointer.restore(start, trainer.abstract_state, data)
         print(f"resumed from {checkpointer.directory / str(start)}", flush=True)
+    # The sync manager settles on (largest step reported) + 1: report the start now, so a notice
+    # during compilation lands on the first step of this run, not on step 1.
+    stop.reached(start)
     frozen = trainer.put_frozen(task.frozen_params())
     writer = metrics_lib.MetricWriter(workdir)
 
@@ -290,9 +306,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     step = start
     while step < cfg.total_steps:
         with trainer.context():
-            state, metrics = compiled(state, frozen, batch)
+            state, metrics = compiled(state, frozen, batch)  # dispatched; runs while the host goes on
         step += 1
         window_steps += 1
+        # The next batch, read, assembled and sent to the devices while this step runs; the data
+        # position a checkpoint of this step records is the one before it.
+        data_state = data.get_state()
+        if step < cfg.total_steps:
+            batch = next(data)
         if pending is not None:
             skipped += not check_finite(pending, step - 1, cfg.nonfinite, checkpointer)
         pending = metrics
@@ -313,21 +334,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
             window_start, window_steps = time.time(), 0
         # Evaluators due now (every N steps, all after the last); their time is not step time.
         window_start += evals.run_due(step, state.params, frozen, writer)
-        preempted = stop.agreed()
-        # Save before fetching the next batch: the saved data position is the batch of step+1.
+        preempted = stop.reached(step)
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted:
-            checkpointer.save(step, state, data, force=True)
+            checkpointer.save(step, state, data_state, force=True)
         if preempted:
             print(f"stop requested: saved step {step}, exiting", flush=True)
             break
-        if step < cfg.total_steps:
-            batch = next(data)
     checkpointer.wait()
     if step == cfg.total_steps:
         held_out = next(pipeline.make_iterator(cfg.data, mesh=mesh, global_batch_size=cfg.batch_size,
                                                image_size=cfg.image_size, split=cfg.data.eval_split,
                                                train=False, seed=cfg.seed, tokenizer=tokenizer))
-        images = held_out["image"][:8]
+        images = pipeline.image_to_float(held_out["image"][:8])
         path = write_reconstruction_grid(trainer, state, frozen, images, workdir, writer, step)
         print(f"wrote {path}", flush=True)
         if cfg.task == "vae" and jax.process_index() == 0:

@@ -26,17 +26,17 @@ import time
 
 def install_faults(faults: dict) -> None:
     if "nan_at_steps" in faults:
-        import numpy as np
+        import jax.numpy as jnp
 
+        from ov3 import train
         from ov3.data import pipeline
-        steps, stack = set(faults["nan_at_steps"]), pipeline.BatchIterator._stack
+        steps, train_step = jnp.asarray(sorted(faults["nan_at_steps"])), train.Trainer._train_step
 
-        def nan_stack(self, rows):
-            batch = stack(self, rows)
-            if self._train and self._batches in steps:  # _batches already counts this batch: its step
-                batch["image"] = np.full_like(batch["image"], np.nan)
-            return batch
-        pipeline.BatchIterator._stack = nan_stack
+        def nan_step(self, state, frozen, batch):  # step number state.step + 1 sees NaN images
+            image = pipeline.image_to_float(batch["image"])
+            image = jnp.where(jnp.isin(state.step + 1, steps), jnp.nan, image)
+            return train_step(self, state, frozen, {**batch, "image": image})
+        train.Trainer._train_step = nan_step
 
     if "pause_commit_step" in faults:
         from orbax.checkpoint._src.path import atomicity

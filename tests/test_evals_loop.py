@@ -79,7 +79,7 @@ def fake_fns(tok: Tokenizer, text_len: int, image_from_text: bool) -> ModelFns:
         if image_from_text:
             pooled = bag(batch["text"])
         else:
-            level = (batch["image"].mean(axis=(1, 2, 3)) + 1) * 127.5
+            level = batch["image"].astype(jnp.float32).mean(axis=(1, 2, 3))
             k = jnp.clip(jnp.round((level - _grey(0)) / 50), 0, len(CLASSES) - 1).astype(jnp.int32)
             pooled = class_bags[k]
         return pooled, jnp.repeat(pooled[:, None], 4, axis=1)

@@ -131,15 +131,11 @@ def test_reads_the_trainers_own_checkpoints(run, tmp_path):
     optax = pytest.importorskip("optax")
     from ov3.train import TrainState
 
-    class Iterator:
-        def get_state(self):
-            return {"position": 3}
-
     (tmp_path / "config.json").write_text(testing.tiny_config().to_json_best_effort(indent=2))
     params = jax.tree.map(jax.numpy.asarray, run["params"])
     state = TrainState(step=jax.numpy.int32(9), params=params, opt_state=optax.adamw(1e-3).init(params))
     checkpointer = ckpt.Checkpointer(tmp_path, async_save=False)
-    checkpointer.save(9, state, Iterator(), force=True)
+    checkpointer.save(9, state, {"position": 3}, force=True)
     checkpointer.close()
     config, restored = load.load_params(tmp_path)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(run["params"])):

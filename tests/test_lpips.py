@@ -102,3 +102,16 @@ def test_errors_name_the_file_or_key(reference, tmp_path):
         load_lpips(bad)
     msg = str(e.value)
     assert "features.28.bias" in msg and "features.2.weight" in msg and "features.99.weight" in msg
+
+
+def test_bfloat16_trunk_stays_within_2_percent_of_the_lpips_package(reference):
+    """model.dtype="bfloat16" runs the VGG trunk in bf16 (heads, normalisation, distance fp32)."""
+    model, vgg_path = reference
+    _, params = load_lpips(vgg_path)
+    x, y = _images(1, (2, 64, 64, 3))
+    got = np.asarray(jax.jit(lpips_fn, static_argnames="dtype")(params, x, y, dtype=jax.numpy.bfloat16))
+    with torch.no_grad():
+        want = model(_nchw(x), _nchw(y)).flatten().numpy()
+    print(f"\nLPIPS with a bf16 trunk vs the lpips package (fp32): {got} vs {want}, "
+          f"relative {np.abs(got / want - 1).max():.1e}")
+    assert np.abs(got / want - 1).max() < 0.02

@@ -99,3 +99,46 @@ def test_unknown_size_is_a_clear_error():
     from ov3.errors import Ov3Error
     with pytest.raises(Ov3Error, match="model.encoder='Q/2'"):
         registry.vit_size("Q/2", "model.encoder")
+
+
+def test_attention_matches_torch_sdpa_and_cudnn_is_a_config_choice():
+    """model.attention_impl="xla" (the default) against torch's scaled_dot_product_attention,
+    with the caption decoder's prefix-LM mask; "cudnn" needs bfloat16 (one config error)."""
+    torch = pytest.importorskip("torch")
+    from ov3 import config as config_lib
+    from ov3.errors import Ov3Error
+    from ov3.models.layers import Attention
+    b, heads, width = 2, 4, 32
+    mask = prefix_lm_mask(4, 8)  # 4 image tokens, 8 caption tokens
+    x = jax.random.normal(jax.random.key(0), (b, 12, width))
+    attn = Attention(heads, implementation="xla")
+    p = nn.meta.unbox(attn.init(jax.random.key(1), x, mask))["params"]
+    p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), p)  # non-zero biases
+    got = np.asarray(attn.apply({"params": p}, x, mask))
+    qkv = np.einsum("btw,wihd->btihd", x, p["qkv_kernel"]) + np.asarray(p["qkv_bias"])
+    q, k, v = (torch.from_numpy(np.ascontiguousarray(qkv[:, :, i].transpose(0, 2, 1, 3))) for i in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.from_numpy(np.asarray(mask)))
+    want = np.einsum("bhtd,hdw->btw", out.numpy(), p["out_kernel"]) + np.asarray(p["out_bias"])
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    cfg = config_lib.base_config()
+    cfg.model.attention_impl = "cudnn"
+    with pytest.raises(Ov3Error, match="attention_impl='cudnn' needs config.model.dtype='bfloat16'"):
+        config_lib.validate(cfg)
+    cfg.model.attention_impl = "flash"
+    with pytest.raises(Ov3Error, match="attention_impl='flash' must be one of"):
+        config_lib.validate(cfg)
+
+
+def test_caption_head_in_bfloat16_moves_the_loss_by_under_0_1_percent():
+    """The vocabulary head computes in the model dtype (bf16 in the paper's configs); the loss
+    takes its logits to float32. Against the same head in float32, at OpenVision's vocabulary."""
+    from ov3 import losses
+    vocab, width = 32000, 256
+    x = jax.random.normal(jax.random.key(0), (2, 32, width)).astype(jnp.bfloat16)  # LayerNorm'd input
+    ids = jax.random.randint(jax.random.key(1), (2, 32), 1, vocab)
+    params = nn.Dense(vocab).init(jax.random.key(2), x.astype(jnp.float32))
+    params = jax.tree.map(lambda a: 8 * a, params)  # logits spread like a trained head's, not init's
+    l32 = float(losses.caption(nn.Dense(vocab, dtype=jnp.float32).apply(params, x), ids))
+    l16 = float(losses.caption(nn.Dense(vocab, dtype=jnp.bfloat16).apply(params, x), ids))
+    print(f"\ncaption loss, head in float32 {l32:.5f}, in bfloat16 {l16:.5f} (relative {abs(l16 - l32) / l32:.1e})")
+    assert abs(l16 - l32) < 1e-3 * l32

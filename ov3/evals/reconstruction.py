@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ov3 import sharding
+from ov3.data import pipeline
 from ov3.errors import Ov3Error
 from ov3.evals import inception
 from ov3.evals import metrics as metrics_lib
@@ -67,7 +68,7 @@ class Reconstruction(Evaluator):
         quantize = bool(spec["quantize"])
 
         def predict(params, frozen, batch, aux):
-            x = batch["image"].astype(jnp.float32)
+            x = pipeline.image_to_float(batch["image"])
             y = recon(params, frozen, x).astype(jnp.float32)
             if quantize:
                 x, y = _to_uint8_values(x), _to_uint8_values(y)

@@ -34,6 +34,7 @@ class CaptionDecoder(nn.Module):
     num_heads: int
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn"
 
     @nn.compact
     def __call__(self, image_tokens: jax.Array, ids: jax.Array) -> jax.Array:
@@ -45,8 +46,10 @@ class CaptionDecoder(nn.Module):
         txt = token_embedding(self.vocab_size, self.width, self.dtype, "token_embedding")(ids)
         txt = txt + learned_positions(self, self.context_length, self.width).astype(txt.dtype)
         x = jnp.concatenate([img, txt.astype(img.dtype)], axis=1)
-        x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype,
+        x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype, self.attention,
                         name="transformer")(x, prefix_lm_mask(num_image, ids.shape[1]))
         x = LayerNorm(self.dtype, name="ln_final")(x[:, num_image:])
-        return nn.Dense(self.vocab_size, dtype=jnp.float32, name="head",
+        # In the compute dtype (bf16 for the paper's configs): the largest matmul of the tower. The
+        # loss takes the logits to float32 before the softmax (ov3.losses.caption).
+        return nn.Dense(self.vocab_size, dtype=self.dtype, name="head",
                         kernel_init=dense_init(("embed", "vocab")), bias_init=zeros_init(("vocab",)))(x)

@@ -20,6 +20,7 @@ class LatentDecoder(nn.Module):
     latent_channels: int
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -34,7 +35,7 @@ class LatentDecoder(nn.Module):
             lambda _, shape: jnp.asarray(sincos_2d(grid, shape[1])), (None, "embed")),
             (grid * grid, self.width))
         x = x + jax.lax.stop_gradient(pos).astype(x.dtype)
-        x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype,
+        x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype, self.attention,
                         name="transformer")(x)
         x = LayerNorm(self.dtype, name="ln_post")(x)
         p, c = self.out_patch, self.latent_channels

@@ -63,6 +63,7 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
+    implementation: str = "xla"  # jax.nn.dot_product_attention's: "xla", or "cudnn" (GPU, bf16)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -81,7 +82,7 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = constrain(q, ("act_batch", "act_len", "act_heads", "kv"))
         # `mask` is boolean, broadcastable to (batch, heads, q_len, kv_len); True = attend.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         return jnp.einsum("bthd,hdw->btw", out, w_out.astype(self.dtype)) + b_out.astype(self.dtype)
 
 
@@ -104,11 +105,12 @@ class Block(nn.Module):
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, None]:
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
-        x = x + Attention(self.num_heads, self.dtype, name="attn")(LayerNorm(self.dtype, name="ln_1")(x), mask)
+        x = x + Attention(self.num_heads, self.dtype, self.attention, name="attn")(LayerNorm(self.dtype, name="ln_1")(x), mask)
         x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(LayerNorm(self.dtype, name="ln_2")(x))
         return x, None
 
@@ -121,6 +123,7 @@ class Transformer(nn.Module):
     mlp_dim: int
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -132,7 +135,7 @@ class Transformer(nn.Module):
             in_axes=nn.broadcast, length=self.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(self.num_heads, self.mlp_dim, self.dtype, name="resblocks")(x, mask)
+        x, _ = stack(self.num_heads, self.mlp_dim, self.dtype, self.attention, name="resblocks")(x, mask)
         return x
 
 

@@ -96,9 +96,12 @@ class LPIPS(nn.Module):
         return total
 
 
-def lpips_fn(params: PyTree, x: Array, y: Array) -> Array:
-    """Pure LPIPS: params from `load_lpips`, NHWC images in [-1, 1] -> distances of shape (B,)."""
-    return LPIPS().apply({"params": params}, x, y)
+def lpips_fn(params: PyTree, x: Array, y: Array, dtype: Any = jnp.float32) -> Array:
+    """Pure LPIPS: params from `load_lpips`, NHWC images in [-1, 1] -> distances of shape (B,).
+    dtype: the VGG trunk's compute dtype. In bfloat16 the convolutions still accumulate in
+    float32 (XLA's default on TPU and GPU matrix units); the normalisation, the heads and the
+    distance are float32 whatever it is."""
+    return LPIPS(dtype).apply({"params": params}, x, y)
 
 
 def _read(path: Path, what: str, how: str) -> dict[str, np.ndarray]:

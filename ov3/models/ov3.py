@@ -42,6 +42,7 @@ class ModelSpec:
     posemb: str = "sincos"
     remat: str = "none"
     dtype: str = "float32"
+    attention: str = "xla"  # config.model.attention_impl
 
     @classmethod
     def from_config(cls, model_cfg: Any, *, vocab_size: int, text_len: int, caption_len: int,
@@ -49,7 +50,8 @@ class ModelSpec:
         return cls(encoder=model_cfg.encoder, decoder=model_cfg.decoder, text=model_cfg.text,
                    vocab_size=vocab_size, text_len=text_len, caption_len=caption_len,
                    latent_channels=latent_channels, noise_tau=model_cfg.noise_tau,
-                   posemb=model_cfg.posemb, remat=model_cfg.remat, dtype=model_cfg.dtype)
+                   posemb=model_cfg.posemb, remat=model_cfg.remat, dtype=model_cfg.dtype,
+                   attention=model_cfg.attention_impl)
 
 
 class OV3Model(nn.Module):
@@ -63,13 +65,13 @@ class OV3Model(nn.Module):
         txt = registry.text_size(s.text)
         embed_dim = registry.embed_dim(s.encoder.split("/")[0], "model.encoder")
         self.encoder = VisionTransformer(enc.width, enc.depth, enc.mlp_dim, enc.num_heads, patch,
-                                         embed_dim, s.posemb, s.remat, dtype)
+                                         embed_dim, s.posemb, s.remat, dtype, attention=s.attention)
         self.decoder = LatentDecoder(dec.width, dec.depth, dec.mlp_dim, dec.num_heads, patch,
-                                     s.latent_channels, s.remat, dtype)
+                                     s.latent_channels, s.remat, dtype, attention=s.attention)
         self.text = TextEncoder(s.vocab_size, s.text_len, txt.width, txt.depth, txt.mlp_dim,
-                                txt.num_heads, embed_dim, s.remat, dtype)
+                                txt.num_heads, embed_dim, s.remat, dtype, attention=s.attention)
         self.caption = CaptionDecoder(s.vocab_size, s.caption_len, txt.width, txt.depth,
-                                      txt.mlp_dim, txt.num_heads, s.remat, dtype)
+                                      txt.mlp_dim, txt.num_heads, s.remat, dtype, attention=s.attention)
         self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(LOGIT_SCALE_INIT), ()), ())
 

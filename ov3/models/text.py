@@ -36,13 +36,14 @@ class TextEncoder(nn.Module):
     embed_dim: int
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn"
 
     @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids (B, context_length) int32 -> (B, embed_dim), not normalised."""
         x = token_embedding(self.vocab_size, self.width, self.dtype, "token_embedding")(ids)
         x = x + learned_positions(self, self.context_length, self.width).astype(x.dtype)
-        x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype,
+        x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype, self.attention,
                         name="transformer")(x)
         pooled = LayerNorm(self.dtype, name="ln_final")(x[:, -1])
         return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name="text_projection",

@@ -33,6 +33,7 @@ class VisionTransformer(nn.Module):
     posemb: str = "sincos"  # "sincos": fixed (no gradient), "learn": trained from the sin-cos init.
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn"
 
     @nn.compact
     def __call__(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -53,7 +54,7 @@ class VisionTransformer(nn.Module):
             pos = jax.lax.stop_gradient(pos)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, self.width)), x], axis=1)
         x = x + pos.astype(x.dtype)
-        x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype,
+        x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype, self.attention,
                         name="transformer")(x)
         tokens = x[:, 1:]
         pooled = LayerNorm(self.dtype, name="ln_post")(tokens.mean(axis=1))

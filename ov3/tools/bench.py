@@ -73,7 +73,7 @@ def build_task(cfg: Any) -> Any:
     task.cfg = cfg
     if cfg.loss.lpips > 0:
         x = jnp.zeros((1, 32, 32, 3))
-        task.lpips = (lpips_lib.lpips_fn, lpips_lib.LPIPS().init(jax.random.key(0), x, x)["params"])
+        task.lpips = (tasks.lpips_apply(cfg), lpips_lib.LPIPS().init(jax.random.key(0), x, x)["params"])
     return task
 
 

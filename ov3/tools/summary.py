@@ -1,7 +1,8 @@
 """Parameters, FLOPs per example and compiled memory of an ov3 config, without its files or hardware.
 
     python -m ov3.tools.summary --config configs/ov3_b.py[:arg] [--config.key=value ...]
-        [--per_device_batch 32 [--mesh data=1,fsdp=256] [--topology v4:8x8x4]]
+        [--per_device_batch 32 [--mesh data=1,fsdp=256] [--topology v4:8x8x4]
+         [--hlo_out STEP.hlo | --hlo_in STEP.hlo]]
 
 1. Parameters per module (encoder, decoder, text, caption, VAE, LPIPS) from an abstract init.
 2. FLOPs of one example per component (`ov3.tools.flops`, analytic), next to XLA's count
@@ -22,6 +23,11 @@
                       --xla_force_host_platform_device_count, and the numbers are those of the
                       CPU backend's program (labelled as such), not a TPU's.
    `jax.sharding.AbstractMesh` lowers but does not compile, so it gives no memory analysis.
+4. With --per_device_batch on a device with a peak/bandwidth entry (ov3/perf.py; every TPU
+   topology): the step-time bound read off the compiled program (ov3.tools.roofline) per
+   component, the implied img/s per device and MFU, the paper's efficiency beside it, and the
+   wall time of the whole recipe on that slice. --hlo_out saves the program; --hlo_in reads
+   it back instead of compiling (minutes instead of the compile's tens of minutes).
 
 No weights, dataset or tokenizer are read: the VAE is FLUX.1's architecture (or the config.json
 at vae.path when that is a diffusers folder) and the vocabulary has VOCAB_SIZE entries (or the
@@ -84,7 +90,7 @@ def abstract_task(cfg: Any) -> Any:
     task.cfg = cfg
     if cfg.loss.lpips > 0:
         x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-        task.lpips = (lpips_lib.lpips_fn, jax.eval_shape(lpips_lib.LPIPS().init, jax.random.key(0), x, x)["params"])
+        task.lpips = (tasks.lpips_apply(cfg), jax.eval_shape(lpips_lib.LPIPS().init, jax.random.key(0), x, x)["params"])
     return task
 
 
@@ -233,7 +239,7 @@ def compile_step(cfg: Any, task: Any, devices: list, per_device_batch: int) -> t
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           task.frozen_params())
     s, spec = cfg.image_size, task.spec
-    batch = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32, sharding=batched),
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8, sharding=batched),
              "text": jax.ShapeDtypeStruct((batch_size, spec.text_len), jnp.int32, sharding=batched),
              "caption": jax.ShapeDtypeStruct((batch_size, spec.caption_len), jnp.int32, sharding=batched)}
     t0 = time.perf_counter()
@@ -257,7 +263,28 @@ def _g(x: float | None) -> str:
     return "-" if x is None else f"{x / 1e9:10.2f}"
 
 
-def report(cfg: Any, xla_check: bool, per_device_batch: int | None, topology: str | None) -> dict[str, Any]:
+def step_bound(cfg: Any, task: Any, hlo: str, kind: str, devices: int, per_device_batch: int
+               ) -> dict[str, Any] | None:
+    """The roofline table of the compiled step (ov3.tools.roofline) and the recipe's wall time."""
+    from ov3 import perf
+    from ov3.tools import flops, roofline
+    hw = perf.hardware(kind)
+    if hw is None:
+        print(f"\nno step-time bound: no peak/bandwidth entry for {kind!r} in ov3/perf.py")
+        return None
+    result = roofline.bound(roofline.op_costs(hlo), hw.peak_flops, hw.hbm_bytes_per_s, hw.ici_bytes_per_s,
+                            per_device_batch)
+    analytic = flops.train_flops_per_example(flops.task_costs(cfg, task))
+    roofline.print_table(result, device=kind, per_device_batch=per_device_batch, peak=hw.peak_flops,
+                         analytic_per_example=analytic)
+    result["mfu"] = analytic * result["images_per_s_per_device"] / hw.peak_flops
+    result.update(roofline.print_recipe_time(result, samples=cfg.total_steps * cfg.batch_size, devices=devices,
+                                             peak=hw.peak_flops, analytic_per_example=analytic))
+    return result
+
+
+def report(cfg: Any, xla_check: bool, per_device_batch: int | None, topology: str | None,
+           hlo_out: str | None = None, hlo_in: str | None = None) -> dict[str, Any]:
     import jax
     from ov3 import recipes
     from ov3.config import validate
@@ -284,16 +311,24 @@ def report(cfg: Any, xla_check: bool, per_device_batch: int | None, topology: st
     if per_device_batch:
         devices = topology_devices(topology) if topology else jax.devices()
         kind = devices[0].device_kind
-        compiled, seconds, mesh = compile_step(cfg, task, devices, per_device_batch)
-        mem = memory_row(compiled)
-        where = (f"TPU topology {topology} ({kind}, compiled by libtpu on this host)" if topology
-                 else f"{jax.default_backend().upper()}-compiled program ({kind}); "
-                      + ("CPU numbers, not a TPU's" if jax.default_backend() == "cpu" else "this device"))
-        out["memory"] = {"where": where, "mesh": dict(mesh.shape), "per_device_batch": per_device_batch,
-                         "compile_s": seconds, **mem}
-        print(f"\ntrain step compiled in {seconds:.1f}s for mesh {dict(mesh.shape)}, "
-              f"{per_device_batch} examples per device: {where}")
-        print("  GiB per device: " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()))
+        if hlo_in:
+            hlo, where = pathlib.Path(hlo_in).read_text(), f"{hlo_in} ({kind}, {len(devices)} devices)"
+            print(f"\ntrain step read from {where}")
+        else:
+            compiled, seconds, mesh = compile_step(cfg, task, devices, per_device_batch)
+            hlo, mem = compiled.as_text(), memory_row(compiled)
+            where = (f"TPU topology {topology} ({kind}, compiled by libtpu on this host)" if topology
+                     else f"{jax.default_backend().upper()}-compiled program ({kind}); "
+                          + ("CPU numbers, not a TPU's" if jax.default_backend() == "cpu" else "this device"))
+            out["memory"] = {"where": where, "mesh": dict(mesh.shape), "per_device_batch": per_device_batch,
+                             "compile_s": seconds, **mem}
+            print(f"\ntrain step compiled in {seconds:.1f}s for mesh {dict(mesh.shape)}, "
+                  f"{per_device_batch} examples per device: {where}")
+            print("  GiB per device: " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()))
+        if hlo_out:  # the optimized program, for --hlo_in later without recompiling
+            pathlib.Path(hlo_out).write_text(hlo)
+            print(f"  wrote the compiled HLO to {hlo_out}")
+        out["bound"] = step_bound(cfg, task, hlo, kind, len(devices), per_device_batch)
     return out
 
 
@@ -317,6 +352,9 @@ def main() -> None:
     flags.DEFINE_integer("per_device_batch", None, "compile the train step for this many examples per device")
     flags.DEFINE_string("topology", None, "compile for a TPU slice, e.g. v4:8x8x4 (needs libtpu)")
     flags.DEFINE_bool("xla_check", True, "also count FLOPs with XLA's cost_analysis")
+    flags.DEFINE_string("hlo_out", None, "write the compiled step's optimized HLO text to this file")
+    flags.DEFINE_string("hlo_in", None, "read the step's optimized HLO from this file (--hlo_out) instead "
+                        "of compiling it; give the same --topology and --per_device_batch")
     flags.mark_flag_as_required("config")
     f = flags.FLAGS
 
@@ -326,7 +364,7 @@ def main() -> None:
         try:
             if f.mesh:
                 cfg.mesh.update(parse_mesh(f.mesh))
-            report(cfg, f.xla_check, f.per_device_batch, f.topology)
+            report(cfg, f.xla_check, f.per_device_batch, f.topology, f.hlo_out, f.hlo_in)
         except Ov3Error as e:
             print(f"ov3: error: {e}", file=sys.stderr)
             sys.exit(2)
