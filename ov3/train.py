@@ -228,11 +228,13 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
 
 def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, images: jax.Array,
                               workdir: pathlib.Path, writer: metrics_lib.MetricWriter, step: int) -> pathlib.Path:
-    """Held-out originals (top row) over their reconstructions (bottom row), as a PNG in DIR."""
+    """Held-out originals (top row) over their reconstructions (bottom row), labelled and
+    upscaled to >= 512 px wide, as a PNG in DIR."""
     from PIL import Image
     with trainer.context():
         recon = jax.jit(trainer.task.reconstruct)(state.params, frozen, images)
-    grid = metrics_lib.image_grid([to_host(images), to_host(recon)])
+    grid = metrics_lib.image_grid([to_host(images), to_host(recon)],
+                                  ["originals (held out)", f"reconstructions at step {step}"])
     path = workdir / f"reconstructions_{step:06d}.png"
     if jax.process_index() == 0:
         Image.fromarray(grid).save(path)
@@ -270,7 +272,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
         state = checkpointer.restore(start, trainer.abstract_state, data)
         print(f"resumed from {checkpointer.directory / str(start)}", flush=True)
     frozen = trainer.put_frozen(task.frozen_params())
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, cfg.log, cfg)
 
     batch = next(data)
     t_compile = time.time()

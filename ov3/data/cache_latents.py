@@ -255,6 +255,9 @@ def run(args: argparse.Namespace) -> dict:
         skipped = result["splits"][s]["skipped"]
         print(f"  {s}: {result['splits'][s]['num_examples']} examples, "
               f"{result['splits'][s]['num_bytes'] / 1e6:.1f} MB, skipped {skipped or 'none'}")
+    if "classes" not in kept:
+        from ov3.data.tokenizer import describe
+        print(describe(args.out))
     return result
 
 
