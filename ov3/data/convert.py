@@ -11,7 +11,7 @@
         --out /data/coco_karpathy --split test
 
 Inputs (see ov3.data.convert_inputs for the details of each format):
-  webdataset   img2dataset tars: KEY.jpg + KEY.txt and/or KEY.json
+  webdataset   img2dataset tars (.tar, .tar.gz): KEY.jpg + KEY.txt and/or KEY.json
   table        JSONL / CSV / TSV / Parquet rows naming local image files (or holding the
                bytes), with Recap-DataComp's columns by default: org_caption → alt_text,
                re_caption → caption
@@ -46,8 +46,9 @@ from typing import Any
 from tqdm import tqdm
 
 from ov3.data import decode, records, resumable
-from ov3.data.convert_inputs import (TEXTS_FEATURE, Bad, ImageFolder, Karpathy, Stats, Table,
-                                     WebDataset, expand_inputs)
+from ov3.data.convert_inputs import (MAX_MEMBER_BYTES, TAR_PATTERNS, TEXTS_FEATURE, Bad,
+                                     ImageFolder, Karpathy, Stats, Table, WebDataset,
+                                     expand_inputs)
 from ov3.errors import Ov3Error
 
 # Set in each worker by _init_worker (and in this process when workers <= 1).
@@ -104,7 +105,8 @@ def _convert_shard(i: int, task: Any, sink=None) -> int:
                 sources[field][source] = sources[field].get(source, 0) + 1
     tick.flush()
     job.mark_done(i, writer.close(), {"text_sources": sources, "max_texts": max_texts,
-                                      "input_errors": stats.input_errors})
+                                      "input_errors": stats.input_errors,
+                                      "bytes_lost": stats.bytes_lost})
     return i
 
 
@@ -227,6 +229,7 @@ def _summary(reader, entry: dict, shard_stats: list[dict], seconds: float,
     return {"format": reader.plan()["format"], "num_inputs": len(reader.plan()["inputs"]),
             "examples_read": entry["num_examples"] + sum(entry["skipped"].values()),
             "text_sources": sources, "input_errors": errors,
+            "input_bytes_lost": sum(s.get("bytes_lost", 0) for s in shard_stats),
             "max_texts": max(s.get("max_texts", 0) for s in shard_stats),
             "ignored_files": getattr(reader, "ignored", 0),
             "last_run": {"seconds": round(seconds, 1), "examples_written": written_now}}
@@ -240,6 +243,8 @@ def report(split: str, entry: dict, info: dict, out: str) -> str:
         rows += [(f"{field} from: {src}", n) for src, n in sorted(counts.items())]
     if info["ignored_files"]:
         rows.append(("ignored files (not images)", info["ignored_files"]))
+    if info["input_bytes_lost"]:
+        rows.append(("input bytes lost (broken files)", info["input_bytes_lost"]))
     width = max(len(r[0]) for r in rows)
     run = info["last_run"]
     lines = [f"split {split!r} → {out}: {len(entry['shards'])} shards, "
@@ -280,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--alt-text-from", default="org_caption,txt",
                    help="comma list: .json fields, or 'txt' for KEY.txt; first present wins")
     w.add_argument("--caption-from", default="re_caption,txt", help="same, for the caption")
+    w.add_argument("--max-member-mb", type=int, default=MAX_MEMBER_BYTES >> 20,
+                   help="a larger tar member is skipped unread (counted as image_too_large)")
     t = sub.add_parser("table", parents=[common], help="JSONL/CSV/TSV/Parquet + image files")
     t.add_argument("--image-column", default=",".join(Table.image_columns),
                    help="comma list; the first column the table has is used")
@@ -300,8 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         if args.format == "webdataset":
-            reader = WebDataset(expand_inputs(args.input, ("*.tar",), "tar files"),
-                                _texts(args.alt_text_from), _texts(args.caption_from))
+            reader = WebDataset(expand_inputs(args.input, TAR_PATTERNS, "tar files"),
+                                _texts(args.alt_text_from), _texts(args.caption_from),
+                                max_member_bytes=args.max_member_mb << 20)
             shards = args.shards or len(reader.files)
         elif args.format == "table":
             reader = Table.open(args.input, image_columns=_texts(args.image_column),
