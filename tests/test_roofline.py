@@ -18,8 +18,9 @@ from tests.helpers import TINY_VAE
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
     from ov3.models import vae as vae_lib
+    from ov3.models import vae_weights
     path = tmp_path_factory.mktemp("vae")
-    vae_lib.save_pretrained(vae_lib.init_random(TINY_VAE, seed=0), path)
+    vae_weights.save_pretrained(vae_lib.init_random(TINY_VAE, seed=0), path)
     return path
 
 
@@ -82,7 +83,8 @@ def test_all_reduce_is_costed_on_the_interconnect():
 
 
 def test_tiny_train_step_matches_the_analytic_count(tiny_vae):
-    from ov3.tools import flops, summary
+    from ov3 import flops
+    from ov3.tools import summary
     from tests.helpers import tiny_config
     cfg = tiny_config(tiny_vae.parent / "no-data", tiny_vae)
     task = summary.abstract_task(cfg)

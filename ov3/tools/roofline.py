@@ -384,7 +384,7 @@ def print_table(result: dict[str, Any], *, device: str, per_device_batch: int, p
 
 
 # The paper's OV3-B run: ~260M samples at 128 px in 6.0 h on 128 TPU v4 chips, i.e. 12,037 img/s,
-# 94 img/s per chip, at ov3's analytic 522.64 GFLOPs per OV3-B training example (ov3.tools.flops).
+# 94 img/s per chip, at ov3's analytic 522.64 GFLOPs per OV3-B training example (ov3.flops).
 PAPER = {"img_s_per_chip": 94.0, "flops_per_example": 522.64e9, "peak_flops": 275e12}
 
 
