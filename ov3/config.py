@@ -34,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (upload later with `wandb sync`).
     c.log = ml_collections.ConfigDict(dict(wandb=dict(project="", entity="", name="", mode="online")))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # dcn_data: slices (multi-slice TPU) or nodes (multi-node GPU) the data axis spans; fsdp and
+    # tensor stay inside a slice/node (ov3.sharding.device_grid). 1: one slice/node, or don't care.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
 
     c.model = ml_collections.ConfigDict(dict(
         encoder="B/2", decoder="B/1", text="B",
@@ -107,6 +109,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.model.get("attention_impl") == "cudnn" and cfg.model.dtype != "bfloat16":
         errors.append("config.model.attention_impl='cudnn' needs config.model.dtype='bfloat16' "
                       "(cuDNN's fused attention takes fp16/bf16 only)")
+    if int(cfg.mesh.get("dcn_data", 1)) < 1:
+        errors.append(f"config.mesh.dcn_data={cfg.mesh.dcn_data} must be >= 1 (the number of slices or nodes)")
     if cfg.image_size % 16:
         errors.append(f"config.image_size={cfg.image_size} must be divisible by 16 "
                       "(VAE x8, then ViT patch 2); e.g. 128, 224 or 256")

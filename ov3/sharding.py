@@ -62,12 +62,31 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
+    return Mesh(device_grid(mesh_cfg, devices), MESH_AXES)
+
+
+def device_grid(mesh_cfg: Any, devices: list) -> np.ndarray:
+    """Devices laid out as (data, fsdp, tensor). With `mesh.dcn_data` = N > 1 the data axis spans
+    N slices (multi-slice TPU) or N processes (multi-node GPU: one process per node), joined by
+    the slow data-centre network; fsdp and tensor stay inside each, on ICI / NVLink, so only the
+    once-per-step gradient all-reduce crosses DCN (`mesh_utils.create_hybrid_device_mesh`)."""
     shape = mesh_shape(mesh_cfg, len(devices))
+    dcn = int(mesh_cfg.get("dcn_data", 1))
+    if dcn > 1:
+        if shape[0] % dcn:
+            raise Ov3Error(f"config.mesh.dcn_data={dcn} must divide the data axis ({shape[0]}): the data axis "
+                           f"is dcn_data slices/nodes x data parallelism inside each; e.g. data={dcn}, fsdp=-1.")
+        by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+        try:
+            return mesh_utils.create_hybrid_device_mesh(
+                (shape[0] // dcn, shape[1], shape[2]), (dcn, 1, 1), devices, process_is_granule=not by_slice)
+        except ValueError as e:
+            raise Ov3Error(f"config.mesh.dcn_data={dcn}: {e}. Set it to the number of TPU slices, or of GPU "
+                           "nodes (one process each), or to 1.") from None
     try:  # topology-aware placement on TPU/GPU; plain reshape where it has no opinion
-        grid = mesh_utils.create_device_mesh(shape, devices)
+        return mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
+        return np.asarray(devices).reshape(shape)
 
 
 def batch_parallelism(mesh: Mesh) -> int:

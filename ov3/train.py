@@ -259,6 +259,9 @@ def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, 
 def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
     """Run (or resume) training in `workdir`; returns the last logged metrics."""
     from ov3.data import pipeline
+    from ov3 import xla_flags
+    for var, value in xla_flags.apply().items():  # before JAX starts its backend
+        print(f"{var}={value}", flush=True)
     config_lib.validate(cfg)
     workdir = prepare_workdir(workdir)
     sharding.maybe_initialize_distributed()

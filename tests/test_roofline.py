@@ -62,6 +62,36 @@ def test_convolution_and_its_input_gradient_under_a_scope():
     assert sum(o.count * o.flops for o in ops if o.component == "vae_decode" and o.backward) == conv
 
 
+# Two instructions as libtpu wrote them (compiling ov3's train step for v4): an einsum with batch
+# dims lowered to a convolution whose batch dims are padded spatial dims; one window tap in 12
+# touches data. And a stacked-weights operand read one layer at a time inside a scanned loop.
+TPU_MODULE = """HloModule m, is_scheduled=true
+%fused (param_0: f32[8,80,64,1,1], param_1: bf16[8,64,3,4,16,1], param_2: s32[]) -> f32[8,80,3,4,16] {
+  %param_0 = f32[8,80,64,1,1]{1,2,4,3,0:T(8,128)} parameter(0)
+  %param_1 = bf16[8,64,3,4,16,1]{0,3,2,1,4,5:T(8,128)(2,1)} parameter(1)
+  %param_2 = s32[]{:T(128)S(6)} parameter(2)
+  %constant.1 = s32[]{:T(128)} constant(0)
+  %dynamic-slice.1 = bf16[1,64,3,4,16,1]{0,3,2,1,4,5:T(8,128)(2,1)} dynamic-slice(%param_1, %param_2, %constant.1, %constant.1, %constant.1, %constant.1, %constant.1), dynamic_slice_sizes={1,64,3,4,16,1}
+  %bitcast.1 = bf16[64,3,4,16,1]{0,3,2,1,4:T(8,128)(2,1)} bitcast(%dynamic-slice.1)
+  ROOT %convolution.1 = f32[8,80,3,4,16]{1,4,3,2,0:T(8,128)} convolution(%param_0, %bitcast.1), window={size=1x3x4 pad=0_0x2_2x3_3 rhs_reversal=0x1x1}, dim_labels=0bf12_i12o0->0b12f, metadata={op_name="jit(_train_step)/jvp(OV3Model)/caption/transformer/while/body/closed_call/resblocks/attn/btw,wihd->btihd/dot_general"}
+}
+ENTRY %main (p0: f32[8,80,64,1,1], p1: bf16[8,64,3,4,16,1], p2: s32[]) -> f32[8,80,3,4,16] {
+  %p0 = f32[8,80,64,1,1]{1,2,4,3,0:T(8,128)} parameter(0)
+  %p1 = bf16[8,64,3,4,16,1]{0,3,2,1,4,5:T(8,128)(2,1)} parameter(1)
+  %p2 = s32[]{:T(128)} parameter(2)
+  ROOT %fusion.1 = f32[8,80,3,4,16]{1,4,3,2,0:T(8,128)} fusion(%p0, %p1, %p2), kind=kOutput, calls=%fused
+}
+"""
+
+
+def test_tpu_convolution_counts_taps_on_data_and_slices_of_stacked_weights():
+    (op,) = roofline.op_costs(TPU_MODULE)
+    assert op.flops == 2 * 8 * 80 * 64 * (3 * 4 * 16)  # btw,wihd->btihd: contract w only
+    assert op.component == "caption" and not op.backward
+    # read: the activations, one layer of the 8 stacked kernels (and the index); write: the result
+    assert op.bytes == 8 * 80 * 64 * 4 + 64 * 3 * 4 * 16 * 2 + 4 + 8 * 80 * 3 * 4 * 16 * 4
+
+
 def test_bytes_roofline_and_memory_bound_share():
     x = jnp.ones((1024, 1024), jnp.float32)
     ops = roofline.op_costs(_hlo(lambda a: a * 2 + 1, x))

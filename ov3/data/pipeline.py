@@ -35,7 +35,9 @@
   rrc_area      [(0.4, 1.0)] crop area as a fraction of the image (area_min=40)
   rrc_ratio     [(3/4, 4/3)] crop aspect ratio range
   num_epochs    [None] training passes; None repeats forever
-  worker_count  [0] grain worker processes; 0 decodes in this process. Programs using
+  worker_count  [-1] grain worker processes; 0 decodes in this process; -1: chosen for
+                the platform (`auto_worker_count`: none on CPU, one per 4 cores on a
+                GPU/TPU host). Programs using
                 workers need an `if __name__ == "__main__":` guard (spawned workers)
   read_threads  [8] threads per process (or per worker) reading and decoding
   prefetch      [256] examples buffered ahead per process
@@ -110,7 +112,7 @@ def default_config() -> ml_collections.ConfigDict:
         "text_len": 80, "caption_len": 128,
         "augment": "rrc", "rrc_area": (0.4, 1.0), "rrc_ratio": (3 / 4, 4 / 3),
         "num_epochs": ml_collections.config_dict.placeholder(int),
-        "worker_count": 0, "read_threads": 8, "prefetch": 256,
+        "worker_count": -1, "read_threads": 8, "prefetch": 256,
         "max_pixels": decode.DEFAULT_MAX_PIXELS, "min_side": 8,
     })
 
@@ -118,6 +120,18 @@ def default_config() -> ml_collections.ConfigDict:
 def _get(cfg, key: str):
     """cfg[key], falling back to the default so configs may leave keys out."""
     return cfg[key] if key in cfg else default_config()[key]
+
+
+def auto_worker_count(backend: str | None = None, cpus: int | None = None) -> int:
+    """config.data.worker_count=-1. On a CPU backend none: the train step needs the cores. On
+    a GPU or TPU host one grain worker process per 4 cores (2 to 32), each with `read_threads`
+    decoding threads: an 8-GPU node (~200 cores) then runs 32 workers, several times the
+    cores that 5k img/s of 128 px JPEG crops need at the per-core rate ov3.tools.bench_data
+    measures (see the README), with cores left for the train loop."""
+    backend = jax.default_backend() if backend is None else backend
+    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
+        if cpus is None else cpus
+    return 0 if backend == "cpu" else max(2, min(32, cpus // 4))
 
 
 def image_to_float(images: Any) -> Any:
@@ -517,7 +531,7 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
     return BatchIterator(
         ds, preprocess=preprocess, per_process_batch=per_process_batch,
         global_batch_size=global_batch_size, train=train, sharding=sharding,
-        worker_count=_get(data_cfg, "worker_count"),
+        worker_count=auto_worker_count() if _get(data_cfg, "worker_count") < 0 else _get(data_cfg, "worker_count"),
         read_threads=_get(data_cfg, "read_threads"), prefetch=_get(data_cfg, "prefetch"),
         num_batches=num_batches, process_index=process_index,
         process_count=process_count)

@@ -46,7 +46,7 @@ def random_batch(task: Any, batch_size: int, image_size: int, mesh: Any, seed: i
     from ov3 import sharding
     rng = np.random.default_rng(seed)
     spec = task.spec
-    host = {"image": rng.uniform(-1, 1, (batch_size, image_size, image_size, 3)).astype(np.float32),
+    host = {"image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),  # as the pipeline's
             "text": rng.integers(1, spec.vocab_size, (batch_size, spec.text_len), dtype=np.int32),
             "caption": rng.integers(1, spec.vocab_size, (batch_size, spec.caption_len), dtype=np.int32)}
     if task.cfg.data.use_cached_latents:  # as the latent cache gives them: the step skips the VAE encoder
