@@ -19,7 +19,7 @@ into the ignored folder .whl/ of the checkout (about 12 MB):
 
     pip download --only-binary=:all: --no-deps --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \\
-        ml_collections grain array_record clu tensorboardX diffusers dm-tree cloudpickle more-itertools
+        ml_collections grain array_record clu tensorboardX diffusers cloudpickle portpicker wrapt importlib_metadata
 
 This script installs whichever of them is missing from .whl/ (`pip install --no-index --no-deps
 --find-links .whl`) before importing ov3, and says which it installed.
@@ -35,9 +35,12 @@ import sys
 import time
 
 # import name -> wheel name, for what ov3 needs and the GPU machine may lack.
+# The first six are ov3's own requirements; the rest are theirs (grain: cloudpickle, portpicker;
+# clu: wrapt; diffusers: importlib_metadata) that a jax + torch + transformers machine may lack.
 NEEDED = {"ml_collections": "ml_collections", "grain": "grain", "array_record": "array_record",
-          "clu": "clu", "tensorboardX": "tensorboardX", "diffusers": "diffusers", "tree": "dm-tree",
-          "cloudpickle": "cloudpickle", "more_itertools": "more-itertools"}
+          "clu": "clu", "tensorboardX": "tensorboardX", "diffusers": "diffusers",
+          "cloudpickle": "cloudpickle", "portpicker": "portpicker", "wrapt": "wrapt",
+          "importlib_metadata": "importlib_metadata"}
 WHEELS = pathlib.Path(__file__).resolve().parents[2] / ".whl"
 
 

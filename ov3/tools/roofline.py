@@ -424,7 +424,7 @@ def print_table(result: dict[str, Any], *, device: str, per_device_batch: int, p
     per_ex = result["flops_per_example"]
     if analytic_per_example:
         p(f"  matmul/conv FLOPs per example: compiled {per_ex / 1e9:.1f} G, analytic {analytic_per_example / 1e9:.1f} G "
-          f"(ratio {per_ex / analytic_per_example:.3f}; above 1 by what remat recomputes)")
+          f"(ratio {per_ex / analytic_per_example:.3f}: remat recomputation counts above 1, work XLA drops as unused below)")
         p(f"  MFU at the bound (analytic FLOPs): {100 * analytic_per_example * img_s / peak:.1f}%")
 
 
