@@ -49,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.vae = ml_collections.ConfigDict(dict(
         path="",                # diffusers folder (config.json + safetensors) or FLUX ae.safetensors
+        hub_id="",              # its Hugging Face Hub id (e.g. "black-forest-labs/FLUX.1-dev"), named in
+                                # exported model cards; "": the cards name no source (never a local path)
         latent_norm="scale",    # "scale": mean*scaling_factor (released OV3); "scale_shift"
         dtype="float32",
         remat_decoder=False,

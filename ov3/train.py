@@ -270,6 +270,9 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
     (workdir / "config.json").write_text(text)
     if tokenizer is not None:
         shutil.copyfile(tokenizer_path(cfg), workdir / "tokenizer.json")
+    # The VAE's facts (scaling factor, channels, down-sampling) travel with the run: export reads
+    # them here, wherever the VAE folder is by then.
+    (workdir / "vae_config.json").write_text(json.dumps(trainer.task.vae.config.to_diffusers_dict(), indent=2))
     params = trainer.abstract_state.params
     table = parameter_overview.get_parameter_overview(params, include_stats="sharding")
     (workdir / "parameters.txt").write_text(table + "\n")
@@ -329,6 +332,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
         print(f"resumed from {checkpointer.directory / str(start)}", flush=True)
     save_config(cfg, workdir, tokenizer, trainer, start)
     frozen = trainer.put_frozen(task.frozen_params())
+    if jax.process_index() == 0:  # the steps after the checkpoint are logged again by this run
+        metrics_lib.truncate_jsonl(workdir / "metrics.jsonl", start)
     writer = metrics_lib.MetricWriter(workdir, cfg.log, cfg)
 
     stop.where = "reading the first batch"

@@ -146,7 +146,9 @@ def test_damaged_checkpoint_is_named_and_resume_step_goes_back(assets, tmp_path)
     train.train(tiny_config(data, vae, resume_step=2), tmp_path)
     assert (tmp_path / "discarded_checkpoints" / "4").is_dir()
     assert ckpt_lib.Checkpointer(tmp_path).latest_step() == 4
-    resumed = read_losses(tmp_path)  # the last row of a step is the resumed run's
+    # The log was cut back to step 2 before the resumed run wrote steps 3 and 4 again.
+    assert [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    resumed = read_losses(tmp_path)
     for step in (3, 4):
         assert resumed[step]["loss"] == straight[step]["loss"], step
     assert (tmp_path / "config.2.json").is_file()
