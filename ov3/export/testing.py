@@ -82,8 +82,9 @@ def write_workdir(workdir: str | Path, config: ml_collections.ConfigDict, params
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config = ml_collections.ConfigDict(config.to_dict())
-    vae_config = config.pop("vae_config", None)
+    fields = config.to_dict()
+    vae_config = fields.pop("vae_config", None)
+    config = ml_collections.ConfigDict(fields)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))  # as ov3.train
     if vae_config is not None:
         (workdir / "vae_config.json").write_text(json.dumps(vae_config, indent=2))
