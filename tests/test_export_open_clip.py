@@ -176,6 +176,11 @@ def test_cli_from_workdir_and_tokenizer(setup, loader, tmp_path):
     # Same weights as exporting the params directly.
     model = loader.load(out)
     assert torch.equal(model.visual.proj, torch.from_numpy(setup["perturbed"]["encoder"]["proj"]["kernel"]))
+    # What the card warns about: open_clip's own loader (hf-hub: / local-dir: read the same
+    # files) builds a 3-channel stem, and these 16-channel weights do not load into it.
+    assert 'Not `open_clip.create_model("hf-hub:ORG/NAME")`' in card
+    with pytest.raises(RuntimeError, match=r"visual\.conv1\.weight"):
+        loader.open_clip.create_model(f"local-dir:{out}")
 
 
 def test_cli_errors(tmp_path, capsys):

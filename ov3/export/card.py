@@ -79,3 +79,42 @@ latents = {'(latents - vae.config.shift_factor) * vae.config.scaling_factor' if 
 (`EXPORT_DIR` above is this folder.)
 """
     (out / "README.md").write_text(card)
+
+
+# Hub metadata per export format. library_name drives the Hub's "Use this model" snippet: the
+# open_clip export says "ov3", not "open_clip", because open_clip's `hf-hub:` loader builds a
+# 3-channel stem that these 16-channel weights do not load into (the card says how to load them).
+HUB_METADATA = {
+    "open_clip": {"library_name": "ov3", "pipeline_tag": "image-feature-extraction",
+                  "tags": ["ov3", "openvision3", "open_clip", "vision-encoder", "vae-latents"]},
+    "hf": {"library_name": "transformers", "pipeline_tag": "image-feature-extraction",
+           "tags": ["ov3", "openvision3", "vit", "vision-encoder", "vae-latents"]},
+    # No Hub pipeline maps tokens to VAE latents, so the decoder has no pipeline_tag.
+    "decoder": {"library_name": "ov3", "tags": ["ov3", "openvision3", "latent-decoder",
+                                                "pytorch_model_hub_mixin"]},
+}
+
+
+def add_hub_metadata(readme: Path, fmt: str, license: str, base_model: str | None) -> None:
+    """Prepend the YAML front matter the Hub reads (license, library_name, pipeline_tag, tags,
+    base_model) to the card. Values are written as JSON, which is valid YAML."""
+    meta: dict[str, Any] = {"license": license, **HUB_METADATA[fmt]}
+    if base_model:
+        meta["base_model"] = base_model
+    header = "".join(f"{k}: {json.dumps(v)}\n" for k, v in meta.items())
+    readme.write_text(f"---\n{header}---\n\n{readme.read_text()}")
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
+    """Create (or reuse) the Hub model repo and upload the export folder as one commit; the URL
+    of the commit. Uses huggingface_hub's login (`hf auth login` or HF_TOKEN) and HF_ENDPOINT."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        from ov3.errors import Ov3Error
+        raise Ov3Error("--push-to-hub needs huggingface_hub: pip install -e '.[hub]'.") from None
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                               commit_message=f"ov3 export ({folder.name})")
+    return commit.commit_url

@@ -153,6 +153,12 @@ pooled, tokens = ov3.encode_image_tokens(model, latents)   # tokens (B, h/2*w/2,
 text = model.encode_text(ov3.tokenizer("EXPORT_DIR")(["a photo of a cat"]))
 ```
 
+Not `open_clip.create_model("hf-hub:ORG/NAME")` (or `local-dir:`): open_clip builds
+`visual.conv1` with 3 input channels from the config, and loading these 16-channel weights into
+it fails with a size mismatch for `visual.conv1.weight`. From the Hub, download the folder first:
+`EXPORT_DIR = huggingface_hub.snapshot_download("ORG/NAME")`, then load as above. To fine-tune
+from it with ov3: `--config.init_from=EXPORT_DIR/open_clip_model.safetensors`.
+
 LayerNorm eps is 1e-6 in both towers via `norm_kwargs` in the config; building the towers with
 open_clip's default eps (1e-5) instead gives slightly different outputs.
 Text: `BOS tokens EOS` padded with 0 to the context length, no padding mask, the *last*
