@@ -129,9 +129,9 @@ def _get(cfg, key: str):
 def auto_worker_count(backend: str | None = None, cpus: int | None = None) -> int:
     """config.data.worker_count=-1. On a CPU backend none: the train step needs the cores. On
     a GPU or TPU host one grain worker process per 4 cores (2 to 32), each with `read_threads`
-    decoding threads: an 8-GPU node (~200 cores) then runs 32 workers, several times the
-    cores that 5k img/s of 128 px JPEG crops need at the per-core rate ov3.tools.bench_data
-    measures (see the README), with cores left for the train loop."""
+    decoding threads: an 8-GPU node (~200 cores) then runs 32 workers, above the ~20 cores
+    that 5k img/s of 128 px JPEG crops need at the rate ov3.tools.bench_data measured here
+    (245 images per CPU-second, README), with cores left for the train loop."""
     backend = jax.default_backend() if backend is None else backend
     cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
         if cpus is None else cpus
