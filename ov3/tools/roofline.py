@@ -169,10 +169,11 @@ def dot_flops(instr: Instr, types: dict[str, str]) -> float:
 
 
 def conv_flops(instr: Instr, types: dict[str, str]) -> float:
-    """2 x batch x output features x input features (per group) x the kernel taps that land on
-    real input, summed over the output positions. Counting taps (not the window size) matters:
-    TPU lowers batched matmuls to convolutions whose batch dims are spatial dims with padding or
-    input dilation, where one tap in a window of many hits data."""
+    """2 x batch x output features x input features (per group) x kernel taps, summed over the
+    output positions. A spatial dim counts its whole window (border padding included, as the
+    analytic count and the hardware do), except where the input has one element or is dilated:
+    TPU lowers batched matmuls to convolutions whose batch dims are such padded or dilated
+    spatial dims, where one tap in a window of many lands on data; there only those count."""
     lhs = arrays(types[instr.operands[0]])[0][1]
     kernel = arrays(types[instr.operands[1]])[0][1]
     out = arrays(instr.type)[0][1]
@@ -193,7 +194,10 @@ def conv_flops(instr: Instr, types: dict[str, str]) -> float:
     taps = 1
     for d in range(spatial):
         n, m = lhs[lhs_l.index(str(d))], out[out_l.index(str(d))]
-        last = (n - 1) * lhs_dilate[d]
+        if n > 1 and lhs_dilate[d] == 1:  # a real spatial dim: the whole window, border padding too
+            taps *= m * size[d]
+            continue
+        last = (n - 1) * lhs_dilate[d]  # a batch dim in disguise, or input dilation: taps on data only
         taps *= sum(1 for o in range(m) for j in range(size[d])
                     if 0 <= (p := o * stride[d] + j * rhs_dilate[d] - pad[d][0]) <= last and p % lhs_dilate[d] == 0)
     return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * kernel[ker_l.index("i")] * taps
