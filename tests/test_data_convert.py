@@ -435,3 +435,9 @@ def test_two_hosts_convert_gs_tars_like_one_host(tmp_path, gcs):
     for shard in m1["splits"]["train"]["shards"]:
         assert (tmp_path / "one" / shard).read_bytes() == paths.path(f"{two}/{shard}").read_bytes()
     assert not paths.path(f"{two}/.work-train").exists()  # host 0 cleaned up after both
+    # Training reads the bucket directly: array_record opens gs:// shards itself.
+    tokenizer = str(tmp_path / "tokenizer.json")
+    train_wordpiece([f"text {t} {i}" for t in range(5) for i in range(3)], 64, tokenizer)
+    local, _ = _batches(one, "train", tokenizer=tokenizer)
+    remote, _ = _batches(two, "train", tokenizer=tokenizer)
+    assert len(remote) == 15 and all(np.array_equal(a[k], b[k]) for a, b in zip(local, remote) for k in a)
