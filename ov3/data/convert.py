@@ -170,6 +170,9 @@ def convert(reader, out: str, split: str, *, num_shards: int, workers: int,
     finally:
         job.release()
     print(report(split, entry, info, out))
+    if classes is None:  # image-text sets are trained on, and training needs a tokenizer
+        from ov3.data.tokenizer import describe
+        print(describe(out))
     return manifest
 
 
