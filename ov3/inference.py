@@ -70,7 +70,7 @@ class Encoder:
         if images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise Ov3Error(f"images of shape {tuple(images.shape)}; this encoder takes (B, {size}, {size}, 3) "
                            f"NHWC RGB (the training resolution; centre-crop and resize first, e.g. with "
-                           f"ov3.data.pipeline.center_crop).")
+                           f"ov3.data.shapes.center_crop).")
         lo, hi = float(images.min()), float(images.max())
         if lo < -1.01 or hi > 1.01:
             raise Ov3Error(f"pixel values span [{lo:g}, {hi:g}]; encode_images takes [-1, 1] "

@@ -41,7 +41,7 @@ def decoder_config(dec: Params, spec: ModelSpec, vae: dict[str, Any]) -> dict[st
             "latent_channels": spec.latent_channels, "layer_norm_eps": LN_EPS,
             # The output normalisation (= the encoder's input): latents = (mean - shift) * scale.
             "scaling_factor": vae["scaling_factor"], "shift_factor": vae["shift_factor"],
-            "vae": vae["path"]}
+            "vae": vae["name"]}
 
 
 LOAD_DOC = """## Load (plain PyTorch)
@@ -56,7 +56,7 @@ from diffusers import AutoencoderKL
 
 decoder = LatentDecoder.from_pretrained("EXPORT_DIR")   # eval mode; every tensor checked (strict)
 latents = decoder(tokens)                       # tokens z_u (B, N, W) -> latents (B, 16, h, w)
-vae = AutoencoderKL.from_pretrained(VAE_PATH).eval()
+vae = AutoencoderKL.from_pretrained(VAE_PATH).eval()  # the VAE named in this card
 images = vae.decode(decoder.to_vae(latents)).sample.clamp(-1, 1)    # to_vae undoes the normalisation
 ```
 

@@ -126,7 +126,7 @@ def open_clip_config(params: Params, spec: ModelSpec, config: ml_collections.Con
             "text_cfg": text_cfg(params["text"], "./"),
         },
         # Pixels -> [-1, 1] for the VAE (mean = std = 0.5); the VAE itself is not part of CLIP.
-        "preprocess_cfg": {"size": vcfg["image_size"] * 8, "mean": [0.5] * 3, "std": [0.5] * 3,
+        "preprocess_cfg": {"size": vcfg["image_size"] * card.vae_facts(config)["downsample"], "mean": [0.5] * 3, "std": [0.5] * 3,
                            "interpolation": "bicubic", "resize_mode": "shortest"},
         # Not open_clip keys (its dataclasses reject unknown fields), read by the loader.
         "ov3": {
