@@ -1,9 +1,11 @@
-"""Stage handoff on tiny shapes: a 16 px run's params start a 32 px run (no train step compiled)."""
+"""`config.init_from` on tiny shapes: a 16 px run's params start a 32 px run (no train step compiled),
+and a run starts from an open_clip checkpoint."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -167,7 +169,9 @@ def test_init_from_open_clip_checkpoint_trains_from_its_weights(tmp_path):
     params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32),
                           load.abstract_params(spec, grid))
     released = tmp_path / "released"
-    oc_export.export(released, cfg, params, spec, None)
+    card_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    card_cfg.vae_config = dict(TINY_VAE)   # what the card states about the VAE (ov3.export.card)
+    oc_export.export(released, card_cfg, params, spec, None)
     cfg.init_from = str(released / oc_export.WEIGHTS_NAME)
     assert init_from.open_clip_file(str(released)) == released / oc_export.WEIGHTS_NAME   # the folder works too
 
