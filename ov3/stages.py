@@ -29,8 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
-
+from ov3 import paths
 from ov3.errors import Ov3Error
 
 # Params that are position tables: path -> how a new length is obtained ("grid": 2-D over the
@@ -45,22 +44,22 @@ _POSITION_TABLES = {
 _ALWAYS_FIXED = {("decoder", "positional_embedding")}
 
 
-def checkpoint_dir(init_from: str) -> epath.Path:
+def checkpoint_dir(init_from: str) -> paths.Path:
     """RUN_DIR -> its latest finished checkpoint; RUN_DIR/checkpoints/STEP -> that one."""
-    path = epath.Path(init_from)
+    from ov3 import checkpoint as ckpt_lib
+    path = paths.path(init_from)
     if path.name.isdigit() and path.parent.name == "checkpoints":
-        if not (path / "state").exists():
-            raise Ov3Error(f"config.init_from={init_from!r}: {path / 'state'} does not exist.")
+        if int(path.name) not in ckpt_lib.finished_steps(path.parent.parent):
+            raise Ov3Error(f"config.init_from={init_from!r}: not a finished checkpoint of {path.parent.parent}.")
         return path
-    steps = sorted(int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit()) \
-        if (path / "checkpoints").exists() else []
+    steps = ckpt_lib.finished_steps(path)
     if not steps:
         raise Ov3Error(f"config.init_from={init_from!r} has no finished checkpoint under {path / 'checkpoints'}; "
                        "point it at the pretraining run's workdir (or RUN_DIR/checkpoints/STEP).")
     return path / "checkpoints" / str(steps[-1])
 
 
-def load_params(step_dir: epath.Path) -> dict[str, Any]:
+def load_params(step_dir: paths.Path) -> dict[str, Any]:
     """The `params` of a saved TrainState as host numpy arrays (the optimizer state is not read)."""
     import orbax.checkpoint as ocp
     checkpointer = ocp.PyTreeCheckpointer()
@@ -146,17 +145,15 @@ def init_from(trainer: Any, state: Any, init_from: str) -> Any:
 
 # ----------------------------------------------------------------------------- CLI
 
-def _finished(workdir: epath.Path, total_steps: int) -> bool:
+def _finished(workdir: paths.Path, total_steps: int) -> bool:
     from ov3 import checkpoint as ckpt_lib
-    if not (workdir / "checkpoints").exists():
-        return False
-    return ckpt_lib.Checkpointer(workdir).latest_step() == total_steps
+    return ckpt_lib.finished_steps(workdir)[-1:] == [total_steps]
 
 
 def run(pretrain_cfg: Any, finetune_cfg: Any, workdir: str) -> dict[str, float]:
     """Both stages in DIR/pretrain and DIR/finetune; returns the fine-tuning run's last metrics."""
     from ov3 import train
-    root = epath.Path(workdir)
+    root = paths.path(workdir)
     pre, fine = root / "pretrain", root / "finetune"
     if finetune_cfg.init_from and finetune_cfg.init_from != str(pre):
         raise Ov3Error(f"--finetune_config.init_from={finetune_cfg.init_from!r}: ov3.stages sets it to "

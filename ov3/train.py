@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import platform
-import shutil
 import signal
 import time
 from typing import Any
@@ -30,7 +28,7 @@ import optax
 from ov3 import checkpoint as ckpt_lib
 from ov3 import config as config_lib
 from ov3 import metrics as metrics_lib
-from ov3 import perf, sharding
+from ov3 import paths, perf, sharding
 from ov3.tools import flops as flops_lib
 from ov3.errors import Ov3Error
 
@@ -144,22 +142,19 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- loop
 
-def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
-    """Create DIR and prove it is writable before anything is compiled."""
-    if "://" in str(workdir):
-        # pathlib would turn gs://b/x into a local gs:/b/x folder and write there silently.
-        raise Ov3Error(f"--workdir {workdir}: object-store URLs are not written directly; mount the bucket "
-                       "(e.g. gcsfuse, as launch/tpu_vm.sh does at /gcs/BUCKET) and pass the mounted path.")
-    path = pathlib.Path(workdir)
+def prepare_workdir(workdir: str | os.PathLike) -> paths.Path:
+    """Create DIR (a local folder or gs://bucket/prefix) and prove it is writable before
+    anything is compiled."""
+    path = paths.path(workdir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(path)  # on gs:// a missing bucket fails the probe instead
         # Named without jax.process_index(): that would start the backend before jax.distributed.
         probe = path / f".write_test_{platform.node()}_{os.getpid()}"
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
-    except OSError as e:
-        raise Ov3Error(f"workdir {path} is not writable ({e.strerror}); pick another --workdir "
-                       "or free space there.") from e
+    except OSError as e:  # gcsfs raises OSError subclasses too (FileNotFoundError: no such bucket)
+        raise Ov3Error(f"workdir {path} is not writable ({e.strerror or e}); pick another --workdir, "
+                       "free space there, or (gs://) create the bucket and grant this machine write access.") from e
     return path
 
 
@@ -172,7 +167,7 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
                        "(config.json + diffusion_pytorch_model.safetensors) or FLUX's ae.safetensors.")
     dtype = DTYPES[cfg.vae.dtype]
     if cfg.task == "vae":
-        folder = pathlib.Path(cfg.vae.path)
+        folder = paths.path(cfg.vae.path)
         if (folder / "config.json").is_file() and not (folder / vae_lib.WEIGHTS_NAME).is_file():
             # An architecture without weights: train it from random init.
             vae = vae_lib.init_random(json.loads((folder / "config.json").read_text()), cfg.seed, dtype=dtype,
@@ -188,7 +183,7 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
 
 
 def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
-    return cfg.data.tokenizer or str(pathlib.Path(cfg.data.path) / "tokenizer.json")
+    return cfg.data.tokenizer or str(paths.path(cfg.data.path) / "tokenizer.json")
 
 
 class StopSignal:
@@ -210,7 +205,7 @@ class StopSignal:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
-def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any, trainer: Trainer) -> None:
+def save_config(cfg: ml_collections.ConfigDict, workdir: paths.Path, tokenizer: Any, trainer: Trainer) -> None:
     """DIR/config.json, DIR/tokenizer.json, and DIR/parameters.txt: every trainable tensor with
     its shape, size and mesh axes (clu's parameter overview, as the Flax examples log it)."""
     if jax.process_index() != 0:
@@ -218,7 +213,7 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
     from clu import parameter_overview
     (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     if tokenizer is not None:
-        shutil.copyfile(tokenizer_path(cfg), workdir / "tokenizer.json")
+        paths.copy(tokenizer_path(cfg), workdir / "tokenizer.json")
     params = trainer.abstract_state.params
     table = parameter_overview.get_parameter_overview(params, include_stats="sharding")
     (workdir / "parameters.txt").write_text(table + "\n")
@@ -227,7 +222,7 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
 
 
 def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, images: jax.Array,
-                              workdir: pathlib.Path, writer: metrics_lib.MetricWriter, step: int) -> pathlib.Path:
+                              workdir: paths.Path, writer: metrics_lib.MetricWriter, step: int) -> paths.Path:
     """Held-out originals (top row) over their reconstructions (bottom row), as a PNG in DIR."""
     from PIL import Image
     with trainer.context():
@@ -235,12 +230,13 @@ def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, 
     grid = metrics_lib.image_grid([to_host(images), to_host(recon)])
     path = workdir / f"reconstructions_{step:06d}.png"
     if jax.process_index() == 0:
-        Image.fromarray(grid).save(path)
+        with path.open("wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")
         writer.image(step, "reconstructions", grid)
     return path
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Run (or resume) training in `workdir`; returns the last logged metrics."""
     from ov3.data import pipeline
     config_lib.validate(cfg)

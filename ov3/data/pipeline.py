@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import grain
@@ -86,6 +85,7 @@ from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
+from ov3 import paths
 from ov3.data import decode, records
 from ov3.data.tokenizer import Tokenizer
 from ov3.errors import Ov3Error
@@ -432,8 +432,7 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
         raise Ov3Error(f"global_batch_size={global_batch_size} is not divisible by the "
                        f"{process_count} processes; change the batch size.")
     if tokenizer is None:
-        tokenizer = Tokenizer.from_file(_get(data_cfg, "tokenizer")
-                                        or os.path.join(path, "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(_get(data_cfg, "tokenizer") or str(paths.path(path) / "tokenizer.json"))
     sharding = None
     if mesh is not None:
         missing = {"data", "fsdp"} - set(mesh.axis_names)
@@ -454,6 +453,9 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
             label_key=_get(data_cfg, "label_key"), texts_key=texts_key))
     else:
         files = records.split_files(path, split)
+        if paths.is_remote(path):  # array_record's reader opens local files only
+            raise Ov3Error(f"config.data.path={path}: ArrayRecord shards are read from local paths; mount the "
+                           "bucket read-only (gcsfuse) and set config.data.path to the mounted folder.")
         label_key = _get(data_cfg, "label_key")
         if label_key and records.read_manifest(path).get("label_key") != label_key:
             # Else every example would be skipped as a bad record.

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 from array_record.python import array_record_module
 
+from ov3 import paths
 from ov3.data import decode
 from ov3.errors import Ov3Error
 
@@ -289,14 +290,13 @@ def _write_json(path: str, obj) -> None:
 
 def read_manifest(path: str) -> dict:
     """The manifest of the dataset folder `path`."""
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.exists(mpath):
+    mpath = paths.path(path) / MANIFEST
+    if not mpath.exists():
         raise Ov3Error(
             f"{mpath} not found: config.data.path must be a folder written by ov3 (e.g. "
             "python -m ov3.data.synthetic --out DIR); a missing manifest also means the "
             "conversion did not finish.")
-    with open(mpath) as f:
-        manifest = json.load(f)
+    manifest = json.loads(mpath.read_text())
     if manifest.get("format") != FORMAT:
         raise Ov3Error(f"{mpath} has format {manifest.get('format')!r}; this ov3 reads "
                        f"{FORMAT!r}. Rewrite the dataset with this version.")
@@ -309,8 +309,8 @@ def split_files(path: str, split: str) -> list[str]:
     if split not in splits:
         raise Ov3Error(f"Split {split!r} is not in {path}; it has {sorted(splits)}. "
                        "Set the split name in the config (e.g. config.data.eval_split).")
-    files = [os.path.join(path, s) for s in splits[split]["shards"]]
-    missing = [f for f in files if not os.path.exists(f)]
+    files = [str(paths.path(path) / s) for s in splits[split]["shards"]]
+    missing = [f for f in files if not paths.path(f).exists()]
     if missing:
         raise Ov3Error(f"Dataset {path} lists shards that are missing: {missing[:3]}...")
     return files

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from ov3 import paths
 from ov3.models.ov3 import ModelSpec
 
 # FLUX.1-dev's vae/config.json values, used when the run's VAE config cannot be read here.
@@ -24,7 +25,7 @@ def vae_facts(config: ml_collections.ConfigDict) -> dict[str, Any]:
     vae = config.get("vae", {})
     path, norm = vae.get("path", ""), vae.get("latent_norm", "scale")
     raw = dict(FLUX1_VAE)
-    for candidate in (Path(path) / "config.json", Path(path) / "vae" / "config.json") if path else ():
+    for candidate in (paths.path(path) / "config.json", paths.path(path) / "vae" / "config.json") if path else ():
         if candidate.is_file():
             raw.update(json.loads(candidate.read_text()))
             break

@@ -14,7 +14,7 @@ laptop. `params` must be the plain (unboxed) tree of `OV3Model.init(...)["params
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 from ov3.models.ov3 import ModelSpec, OV3Model
 
@@ -33,8 +34,8 @@ STATE_ITEM = "state"
 Params = dict[str, Any]
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / CONFIG_NAME
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    path = paths.path(workdir) / CONFIG_NAME
     if not path.is_file():
         raise Ov3Error(f"{path} does not exist; --workdir must be a training workdir (the trainer "
                        f"writes {CONFIG_NAME} there when a run starts).")
@@ -44,17 +45,17 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         raise Ov3Error(f"{path} is not valid JSON ({e}); restore it from the run's launch config.") from None
 
 
-def load_params(workdir: str | Path, step: int | None = None) -> tuple[ml_collections.ConfigDict, Params]:
+def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml_collections.ConfigDict, Params]:
     """(config, params) of checkpoint `step` (default: the latest) as float32 numpy arrays."""
     import orbax.checkpoint as ocp  # Heavy import; only the checkpoint readers need it.
 
+    from ov3 import checkpoint as ckpt_lib
     config = read_config(workdir)
-    ckpt_dir = Path(workdir).absolute() / CHECKPOINT_DIR
-    if not ckpt_dir.is_dir():
+    ckpt_dir = ckpt_lib.directory(workdir)
+    if not ckpt_dir.exists():
         raise Ov3Error(f"{ckpt_dir} does not exist: the run in {workdir} has not saved a checkpoint "
                        "yet (see config.checkpoint_every).")
-    with ocp.CheckpointManager(ckpt_dir) as manager:
-        steps = manager.all_steps()
+    steps = ckpt_lib.finished_steps(workdir)
     if not steps:
         raise Ov3Error(f"{ckpt_dir} holds no finished checkpoint.")
     if step is None:
@@ -141,10 +142,10 @@ def check_params(params: Params, spec: ModelSpec) -> None:
             "\nExport with the config.json the run was trained with.")
 
 
-def tokenizer_file(workdir: str | Path, config: ml_collections.ConfigDict) -> Path | None:
+def tokenizer_file(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> paths.Path | None:
     """The workdir's copy of the tokenizer, else config.data.tokenizer if it still exists."""
-    local = Path(workdir) / TOKENIZER_NAME
+    local = paths.path(workdir) / TOKENIZER_NAME
     if local.is_file():
         return local
     configured = config.get("data", {}).get("tokenizer", "")
-    return Path(configured) if configured and Path(configured).exists() else None
+    return paths.path(configured) if configured and paths.path(configured).exists() else None
