@@ -15,6 +15,7 @@ TENSORSTORE_GCS_HTTP_URL=http://HOST:PORT (tensorstore) point everything at a fa
 
 from __future__ import annotations
 
+import io
 import os
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # before epath picks a backend (read per call)
@@ -64,6 +65,12 @@ def files_under(folder: str | os.PathLike) -> list[epath.Path]:
             root = "gs://" + root.lstrip("/")
         found += [path(root) / name for name in names]
     return sorted(found)
+
+
+def readable(p: str | os.PathLike) -> str | io.BytesIO:
+    """What readers that take a local path or a file (torch.load, np.load) should get: the local
+    path itself, or a gs:// object's bytes in memory."""
+    return io.BytesIO(path(p).read_bytes()) if is_remote(p) else os.fspath(p)
 
 
 def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -19,7 +19,6 @@ Weights (nothing is downloaded at run time):
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -116,8 +115,7 @@ def _read(path: paths.Path, what: str, how: str) -> dict[str, np.ndarray]:
             "with torch: params = load_lpips(...); save_lpips(params, 'lpips_vgg.safetensors')."
         ) from None
     try:
-        source = io.BytesIO(path.read_bytes()) if paths.is_remote(path) else path
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = torch.load(paths.readable(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or not a state dict
         raise Ov3Error(f"{what} {path} could not be read by torch.load ({e}). {how}") from None
     return {k: v.float().numpy() for k, v in state.items()}
