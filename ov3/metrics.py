@@ -1,12 +1,12 @@
 """Where numbers go: DIR/metrics.jsonl (one JSON object per logged step), TensorBoard event
-files under DIR/tensorboard (tensorboardX: no TensorFlow needed) and a console line with rate
-and ETA. Only process 0 writes.
+files under DIR/tensorboard (tensorboardX: no TensorFlow needed), Weights & Biases when
+`config.log.wandb.project` is set, and a console line with rate and ETA. Only process 0 writes.
 
-On gs:// both are complete objects after every log step, so a running job can be watched from
-anywhere (an object exists only once its upload is finalised, and GCS objects cannot be
-appended to): metrics.jsonl is rewritten whole (its rows are kept in memory; a resumed run
-starts from the object's rows), and the event file, written to a local temporary folder, is
-uploaded whole. Both weigh a few MB after 100k steps logged every 50."""
+On gs:// metrics.jsonl and the event file are complete objects after every log step, so a
+running job can be watched from anywhere (an object exists only once its upload is finalised,
+and GCS objects cannot be appended to): metrics.jsonl is rewritten whole (its rows are kept in
+memory; a resumed run starts from the object's rows), and the event file, written to a local
+temporary folder, is uploaded whole. Both weigh a few MB after 100k steps logged every 50."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -24,11 +25,21 @@ import numpy as np
 from ov3 import paths
 
 
+def quiet_library_logs() -> None:
+    """WARNING and above on the console unless `--verbosity` was given: absl's app.run turns
+    INFO on, and orbax logs dozens of INFO lines per checkpoint save."""
+    from absl import flags, logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 class MetricWriter:
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: str | os.PathLike, log: Any = None, config: Any = None):
+        """`log`: config.log (None: no W&B); `config`: the run's config, stored with the W&B run."""
         self.enabled = jax.process_index() == 0
         self.workdir = paths.path(workdir)
         self.remote = paths.is_remote(workdir)
+        self.wandb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
             self.path = self.workdir / "metrics.jsonl"
@@ -41,6 +52,8 @@ class MetricWriter:
             # The pid in the name: two writers started in one second (a quick restart) would
             # otherwise share a name, and on gs:// the second would replace the first's object.
             self.tb = SummaryWriter(self.tb_dir, filename_suffix=f".{os.getpid()}")
+            if log is not None and log.wandb.project:
+                self.wandb = start_wandb(self.workdir, log.wandb, config)
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -57,12 +70,17 @@ class MetricWriter:
         else:
             self.jsonl.write(line)
             self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
     def image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
         if self.enabled:
             self.tb.add_image(name, image_hwc_uint8, int(step), dataformats="HWC")
             if self.remote:
                 self._upload_events()
+            if self.wandb is not None:
+                import wandb
+                self.wandb.log({name: wandb.Image(image_hwc_uint8)}, step=int(step))
 
     def _upload_events(self) -> None:
         self.tb.flush()
@@ -78,6 +96,27 @@ class MetricWriter:
             else:
                 self.tb.close()
                 self.jsonl.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def start_wandb(workdir: paths.Path, cfg: Any, config: Any = None) -> Any:
+    """A W&B run. Its id is kept in DIR/wandb_run_id, so a resumed (or preempted and restarted)
+    training run continues the same W&B run instead of starting a new one. Its local files go to
+    DIR/wandb (on gs://: a local temporary folder; W&B uploads them itself)."""
+    try:
+        import wandb
+    except ImportError:
+        from ov3.errors import Ov3Error
+        raise Ov3Error("config.log.wandb.project is set but wandb is not installed: pip install -e '.[wandb]' "
+                       "(or leave log.wandb.project empty).") from None
+    id_file = workdir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id + "\n")
+    local = tempfile.mkdtemp(prefix="ov3-wandb-") if paths.is_remote(workdir) else str(workdir)
+    return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or workdir.name,
+                      mode=cfg.mode, dir=local, id=run_id, resume="allow",
+                      config=config.to_dict() if config is not None else None)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, float]]:
@@ -101,8 +140,19 @@ class Progress:
                 f"| {images_per_s:.1f} img/s | elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
 
 
-def image_grid(rows: list[np.ndarray]) -> np.ndarray:
-    """rows: list of (N, H, W, 3) float images in [-1, 1] -> one uint8 (rows*H, N*W, 3) grid."""
+def image_grid(rows: list[np.ndarray], labels: list[str], min_width: int = 512) -> np.ndarray:
+    """rows: list of (N, H, W, 3) float images in [-1, 1] -> one uint8 grid: each row under a
+    band with its label, tiles upscaled (nearest, an integer factor) to >= `min_width` px wide,
+    so 32 px tiles can be looked at without zooming."""
+    from PIL import Image, ImageDraw
     strips = [np.concatenate(list(r), axis=1) for r in rows]
-    grid = np.concatenate(strips, axis=0)
-    return np.clip((grid + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    factor = max(1, -(-min_width // strips[0].shape[1]))
+    band = 20
+    out = []
+    for strip, label in zip(strips, labels, strict=True):
+        pixels = np.clip((strip + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        pixels = pixels.repeat(factor, axis=0).repeat(factor, axis=1)
+        header = Image.new("RGB", (pixels.shape[1], band), (255, 255, 255))
+        ImageDraw.Draw(header).text((4, 3), label, fill=(0, 0, 0))
+        out += [np.asarray(header), pixels]
+    return np.concatenate(out, axis=0)

@@ -29,7 +29,7 @@ from ov3 import checkpoint as ckpt_lib
 from ov3 import config as config_lib
 from ov3 import metrics as metrics_lib
 from ov3 import paths, perf, sharding
-from ov3.tools import flops as flops_lib
+from ov3 import flops as flops_lib
 from ov3.errors import Ov3Error
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -162,21 +162,22 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """(task, tokenizer or None) for `config.task`."""
     from ov3 import tasks
     from ov3.models import vae as vae_lib
+    from ov3.models import vae_weights
     if not cfg.vae.path:
         raise Ov3Error("config.vae.path is empty: point it at a diffusers AutoencoderKL folder "
                        "(config.json + diffusion_pytorch_model.safetensors) or FLUX's ae.safetensors.")
     dtype = DTYPES[cfg.vae.dtype]
     if cfg.task == "vae":
         folder = paths.path(cfg.vae.path)
-        if (folder / "config.json").is_file() and not (folder / vae_lib.WEIGHTS_NAME).is_file():
+        if (folder / "config.json").is_file() and not (folder / vae_weights.WEIGHTS_NAME).is_file():
             # An architecture without weights: train it from random init.
             vae = vae_lib.init_random(json.loads((folder / "config.json").read_text()), cfg.seed, dtype=dtype,
                                       latent_norm=cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
         else:
-            vae = vae_lib.from_pretrained(folder, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
+            vae = vae_weights.from_pretrained(folder, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
         return tasks.VAETask(cfg, vae=vae), None
     from ov3.data.tokenizer import Tokenizer
-    vae = vae_lib.from_pretrained(cfg.vae.path, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
+    vae = vae_weights.from_pretrained(cfg.vae.path, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
     tokenizer = Tokenizer.from_file(tokenizer_path(cfg))
     task = tasks.OV3Task(cfg, vae=vae, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
     return task, tokenizer
@@ -223,11 +224,13 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: paths.Path, tokenizer: 
 
 def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, images: jax.Array,
                               workdir: paths.Path, writer: metrics_lib.MetricWriter, step: int) -> paths.Path:
-    """Held-out originals (top row) over their reconstructions (bottom row), as a PNG in DIR."""
+    """Held-out originals (top row) over their reconstructions (bottom row), labelled and
+    upscaled to >= 512 px wide, as a PNG in DIR."""
     from PIL import Image
     with trainer.context():
         recon = jax.jit(trainer.task.reconstruct)(state.params, frozen, images)
-    grid = metrics_lib.image_grid([to_host(images), to_host(recon)])
+    grid = metrics_lib.image_grid([to_host(images), to_host(recon)],
+                                  ["originals (held out)", f"reconstructions at step {step}"])
     path = workdir / f"reconstructions_{step:06d}.png"
     if jax.process_index() == 0:
         with path.open("wb") as f:
@@ -266,7 +269,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         state = checkpointer.restore(start, trainer.abstract_state, data)
         print(f"resumed from {checkpointer.directory / str(start)}", flush=True)
     frozen = trainer.put_frozen(task.frozen_params())
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, cfg.log, cfg)
 
     batch = next(data)
     t_compile = time.time()
