@@ -197,11 +197,11 @@ def test_stages_finetunes_from_the_bucket(setup, reference, capsys):
 def test_lpips_weights_from_the_bucket(gcs, tmp_path):
     import torch
 
-    from ov3.models import lpips, vae
+    from ov3.models import lpips, vae_weights
     bucket = gcs.bucket(BUCKET)
     rng = np.random.default_rng(0)
     state = {k: rng.standard_normal(s).astype(np.float32) for k, s in lpips._expected().items()}
-    vae.write_safetensors(state, f"{bucket}/lpips/vgg.safetensors")
+    vae_weights.write_safetensors(state, f"{bucket}/lpips/vgg.safetensors")
     buf = io.BytesIO()
     torch.save({k: torch.from_numpy(v) for k, v in state.items()}, buf)
     paths.path(f"{bucket}/lpips/vgg.pth").write_bytes(buf.getvalue())

@@ -28,7 +28,6 @@ interruption. Runs in one process; the batch is split over all local devices.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import io
 import os
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ov3 import paths
 from ov3.data import decode, pipeline, records, resumable
 from ov3.errors import Ov3Error
 
@@ -75,17 +75,20 @@ def check_vae(path: str, vae_path: str, latent_norm: str) -> None:
 
 def vae_fingerprint(vae_path: str) -> str:
     """sha256 over the VAE's config and weight files (what from_pretrained reads)."""
-    if os.path.isfile(vae_path):
-        files = [vae_path]
+    root = paths.path(vae_path)
+    if root.is_file():
+        files = [root]
     else:
-        files = sorted(f for pattern in ("**/config.json", "**/*.safetensors")
-                       for f in glob.glob(os.path.join(vae_path, pattern), recursive=True))
+        # As glob("**/...") picked them: hidden folders (e.g. huggingface-cli's .cache/) skipped.
+        files = sorted((f for f in paths.files_under(root) if f.name == "config.json" or f.suffix == ".safetensors"
+                        if not any(p.startswith(".") for p in f.relative_to(root).parts)),
+                       key=str) if root.is_dir() else []
     if not files:
         raise Ov3Error(f"--vae {vae_path}: no config.json / *.safetensors found.")
     h = hashlib.sha256()
     for f in files:
-        h.update(os.path.relpath(f, vae_path).encode() if f != vae_path else b"")
-        with open(f, "rb") as fh:
+        h.update(str(f.relative_to(root)).encode() if f != root else b"")
+        with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()
