@@ -1,5 +1,7 @@
-"""Where numbers go: DIR/metrics.jsonl (one JSON object per logged step), TensorBoard event
-files under DIR/tensorboard (tensorboardX: no TensorFlow needed), Weights & Biases when
+"""Where numbers go: DIR/metrics.jsonl (one JSON object per logged step and source: the train
+loop and each evaluator round write their own row; a resumed run first drops the rows after
+its checkpoint, so no step is there twice from two runs), TensorBoard event files under
+DIR/tensorboard (tensorboardX: no TensorFlow needed), Weights & Biases when
 `config.log.wandb.project` is set, and a console line with rate and ETA. Only process 0 writes.
 
 On gs:// metrics.jsonl and the event file are complete objects after every log step, so a
@@ -117,6 +119,24 @@ def start_wandb(workdir: paths.Path, cfg: Any, config: Any = None) -> Any:
     return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or workdir.name,
                       mode=cfg.mode, dir=local, id=run_id, resume="allow",
                       config=config.to_dict() if config is not None else None)
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
+    """Drop the rows after `step` (a resumed run logs those steps again); returns how many.
+    So every step of DIR/metrics.jsonl holds the rows of the run that produced the checkpoints."""
+    path = paths.path(path)
+    if not path.is_file():
+        return 0
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+    if len(kept) < len(rows):
+        if paths.is_remote(path):
+            path.write_text("".join(kept))  # one object, replaced whole: readers see old or new
+        else:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)  # atomic: a crash here leaves the old log, never half of it
+    return len(rows) - len(kept)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, float]]:
