@@ -102,13 +102,13 @@ class Checkpointer:
         later = [s for s in steps if s > requested]
         if later and jax.process_index() == 0:
             aside = self.directory.parent / "discarded_checkpoints"
-            aside.mkdir(exist_ok=True)
+            paths.makedirs(aside)
             for s in later:
                 target = aside / str(s)
                 n = 1
                 while target.exists():  # resumed back past this step before
                     target, n = aside / f"{s}.{n}", n + 1
-                (self.directory / str(s)).rename(target)
+                paths.move(self.directory / str(s), target)
             print(f"resume_step={requested}: moved the later checkpoints {later} to {aside}", flush=True)
         if later:
             from ov3 import sharding

@@ -73,6 +73,15 @@ def readable(p: str | os.PathLike) -> str | io.BytesIO:
     return io.BytesIO(path(p).read_bytes()) if is_remote(p) else os.fspath(p)
 
 
+def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename a file or folder. GCS has no rename: there every object is copied in the bucket
+    (server-side) and then deleted, which is not atomic; a missing dst folder is fine."""
+    if is_remote(src):
+        fsspec.filesystem("gs").mv(os.fspath(src), os.fspath(dst), recursive=True)
+    else:
+        path(src).rename(dst)
+
+
 def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy one (small) file between any two places, local or gs://."""
     path(dst).write_bytes(path(src).read_bytes())

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -210,6 +211,22 @@ def test_lpips_weights_from_the_bucket(gcs, tmp_path):
                                       state["features.0.weight"].transpose(2, 3, 1, 0))
         np.testing.assert_array_equal(np.asarray(params["lin4"]["kernel"])[:, 0],
                                       state["lin4.model.1.weight"].reshape(-1))
+
+
+def test_resume_step_moves_later_checkpoints_aside_in_the_bucket(gcs):
+    """config.resume_step on gs://: the later steps move to DIR/discarded_checkpoints (copied in
+    the bucket, then deleted: GCS has no rename), and the resumed run sees only the earlier ones."""
+    workdir = f"{gcs.bucket(BUCKET)}/resume"
+    state = {"w": np.arange(6, dtype=np.float32)}
+    checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
+    for step in (1, 2, 3):
+        checkpointer.save(step, jax.tree.map(lambda x: x * step, state), None)
+    assert checkpointer.resume_step(1) == 1
+    checkpointer.close()
+    assert ckpt_lib.finished_steps(workdir) == [1]
+    aside = paths.path(workdir) / "discarded_checkpoints"
+    assert sorted(p.name for p in aside.iterdir()) == ["2", "3"]
+    assert (aside / "3" / "commit_success.txt").exists()
 
 
 def test_workdir_in_a_missing_bucket_is_one_message(gcs):
