@@ -47,9 +47,10 @@ install_venv() {
   run "$REPO_ROOT/.venv/bin/pip" install -q -c "$REPO_ROOT/constraints.txt" -e "$REPO_ROOT" "jax[$1]"
 }
 
-# The line ov3 prints when it saved on SIGTERM/SIGINT before the end (ov3/train.py): the run
-# is not done, and a requeue resumes it.
-STOPPED_EARLY="stop requested: saved step"
+# What ov3 prints when SIGTERM/SIGINT stopped it before the end (ov3/train.py: "stop requested:
+# saved step N", or before the first step "ov3: stop requested while ..."): the run is not done,
+# and running it again resumes from the last checkpoint.
+STOPPED_EARLY="stop requested"
 
 # The flags every launcher takes for what to run: CONFIG="" MODEL="" WORKDIR="" before the
 # option loop, then `--config|--model|--workdir) job_flag "$1" "${2:-}"; shift ;;` in it.

@@ -14,7 +14,7 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 INSTALL=0 GPUS="" JAX_EXTRA=cuda12 CONFIG="" MODEL="" WORKDIR="" LOGS="$REPO_ROOT/runs/logs"
 EXTRA=()

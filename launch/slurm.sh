@@ -13,12 +13,12 @@
 # as DIR must). Each task's output goes to DIR/logs/JOBID-RESTART-TASK.log (--logs), the script's
 # to DIR/logs/slurm-JOBID.out. Preemption and the time limit: the job is --requeue'able, SLURM
 # sends SIGTERM 120 s before the limit (--signal), ov3 saves and exits 0, and the script requeues
-# the job when a task stopped early; the requeued job resumes from the checkpoint.
+# the job when a signal stopped a task early; the requeued job resumes from the checkpoint.
 # --dry-run prints the sbatch script and the command instead of submitting.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 INSTALL=0 NODES="" GPUS=8 CPUS=12 PARTITION="" ACCOUNT="" TIME="72:00:00" JOB=ov3 LOGS="" CONFIG="" MODEL="" WORKDIR=""
 EXTRA=()
@@ -73,8 +73,8 @@ restart=\${SLURM_RESTART_COUNT:-0}
 echo "ov3: job \$SLURM_JOB_ID, start \$restart, \$SLURM_NTASKS tasks; task logs: \$SLURM_JOB_ID-\$restart-*.log"
 status=0
 srun --kill-on-bad-exit=1 --output=$logs/%j-\$restart-%t.log $(quote "$PYTHON")$(for a in "${args[@]}"; do printf ' %s' "$(quote "$a")"; done) || status=\$?
-if [ "\$status" = 0 ] && grep -qs "$STOPPED_EARLY" $logs/"\$SLURM_JOB_ID-\$restart"-*.log; then
-  echo "ov3: stopped early with a checkpoint (preemption or time limit): requeueing"
+if grep -qs "$STOPPED_EARLY" $logs/"\$SLURM_JOB_ID-\$restart"-*.log; then
+  echo "ov3: stopped early by a signal (preemption or the time limit): requeueing"
   scontrol requeue "\$SLURM_JOB_ID"
 fi
 exit "\$status"

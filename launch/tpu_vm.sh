@@ -5,10 +5,11 @@
 #   launch/tpu_vm.sh [--dry-run] ACTION --name NAME --zone ZONE [--project P] [options] [-- ov3 flags]
 #
 #   create   --type v4-256 [--version V] [--spot]    the slice (V defaults by TPU generation)
-#   install  [--skip-pip]   on every worker: a Python >= 3.11 (deadsnakes' python3.11 from apt where
-#            the image has 3.10), this checkout's tracked files (git archive) in ~/ov3, a venv ~/ov3-venv with
-#            `pip install -c constraints.txt -e . jax[tpu]`, gcsfuse. --skip-pip: no venv or pip,
-#            use that Python as the image has it (its jax must be the pinned one; checked)
+#   install  [--skip-pip]   on every worker: a Python >= 3.11 (deadsnakes' python3.11 from apt
+#            where the image has 3.10), this checkout's tracked files (git archive) in ~/ov3, a
+#            venv ~/ov3-venv with `pip install -c constraints.txt -e . jax[tpu]`, gcsfuse.
+#            --skip-pip: no venv or pip, that Python as the image has it (its jax must be the
+#            pinned one; checked)
 #   run      (--config configs/ov3_b.py:pretrain | --model b|l) --workdir gs://BUCKET/runs/NAME
 #            [--mount gs://BUCKET]... [--port 8476] [--until-done --type T [--version V] [--spot]
 #            [--skip-pip]] [--logs DIR] [-- --config.k=v ...]
@@ -29,7 +30,7 @@
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 
-usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 ACTION="" NAME="" ZONE="" PROJECT="" TYPE="" VERSION="" SPOT=0 SKIP_PIP=0 UNTIL_DONE=0 PORT=8476
 CONFIG="" MODEL="" WORKDIR="" LOGS="" LINES=40
@@ -156,7 +157,7 @@ worker_cmd() {  # worker_cmd I N COORDINATOR
   done
   cmd+=' && if old=$(cat ~/ov3.pid 2>/dev/null) && grep -qs ov3 /proc/$old/cmdline; then'
   cmd+=' echo "ov3: stopping the stale run on this worker (pid $old)"; kill -TERM $old;'
-  cmd+=' for s in $(seq 120); do kill -0 $old 2>/dev/null || break; sleep 1; done; kill -KILL $old 2>/dev/null || true; fi'
+  cmd+=' for s in $(seq 120); do grep -qs ov3 /proc/$old/cmdline || break; sleep 1; done; kill -KILL $old 2>/dev/null || true; fi'
   cmd+=" && echo \$\$ > ~/ov3.pid && exec env JAX_COORDINATOR_ADDRESS=$(quote "$3") JAX_NUM_PROCESSES=$2"
   cmd+=" JAX_PROCESS_ID=$1 PYTHONUNBUFFERED=1 ~/ov3-venv/bin/python"
   for a in "${ARGS[@]}"; do cmd+=" $(quote "$a")"; done
@@ -165,7 +166,7 @@ worker_cmd() {  # worker_cmd I N COORDINATOR
 
 # Runs ov3 on every worker, one ssh each, output appended to LOGS/worker-I.log. Sets RCS (exit
 # status per worker), FIRST_FAILURE (the first non-zero one: the others are then stopped) and
-# STOPPED_EARLY (ov3 saved on a stop signal instead of finishing).
+# STOPPED_EARLY (a stop signal ended ov3 before the end: saved, or before the first step).
 run_workers() {
   local ips=("<worker-0 IP>") describe=("${GCLOUD[@]}" describe "$NAME" "${WHERE[@]}"
                                          --format='value(networkEndpoints[].ipAddress)')
@@ -208,7 +209,7 @@ run_workers() {
     fi
   done
   for ((i = 0; i < n; i++)); do
-    if tail -n "+$((starts[i] + 1))" "$LOGS/worker-$i.log" | grep -q "stop requested: saved step"; then
+    if tail -n "+$((starts[i] + 1))" "$LOGS/worker-$i.log" | grep -q "$STOPPED_EARLY"; then
       STOPPED_EARLY=1
     fi
   done
@@ -234,9 +235,9 @@ run_until_done() {
     if [[ "$s" != READY ]]; then
       [[ "$UNTIL_DONE" == 1 ]] || die "$NAME is $s (preempted or stopped); run again with --until-done to recreate it and resume"
       echo "[tpu_vm] $NAME is $s after attempt $attempt: recreating and resuming" >&2
-    elif ((FIRST_FAILURE == 0)) && [[ "$STOPPED_EARLY" == 1 ]]; then
-      [[ "$UNTIL_DONE" == 1 ]] || { echo "[tpu_vm] stopped early with a checkpoint; run again to resume" >&2; return 0; }
-      echo "[tpu_vm] stopped early with a checkpoint on a READY slice (maintenance?): resuming" >&2
+    elif [[ "$STOPPED_EARLY" == 1 ]]; then
+      [[ "$UNTIL_DONE" == 1 ]] || { echo "[tpu_vm] stopped early by a signal; run again to resume" >&2; exit "$FIRST_FAILURE"; }
+      echo "[tpu_vm] stopped early by a signal on a READY slice (maintenance?): resuming" >&2
     elif ((FIRST_FAILURE == 0)); then
       echo "[tpu_vm] finished on every worker (attempt $attempt)" >&2
       return 0

@@ -45,6 +45,14 @@ def wait_for_file(path: pathlib.Path, pattern: str, proc: subprocess.Popen, time
 
 # ----------------------------------------------------------------------------- TPU VM
 
+def running(pid: int) -> bool:
+    """`pid` is a live process with ov3 on its command line (a zombie's is empty)."""
+    try:
+        return b"ov3" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
 def gcloud(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(STANDINS / "gcloud"), "compute", "tpus", "tpu-vm", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=200)
@@ -64,8 +72,11 @@ def slice_env(tmp_path):
            "GCLOUD_STANDIN_PYTHON": sys.executable, "GCLOUD_STANDIN_GRACE_S": "120"}
     port = free_port()
     env["JAX_COORDINATOR_BIND_ADDRESS"] = f"127.0.0.1:{port}"  # the workers' coordinator: loopback only
-    yield dict(env=env, root=root, bucket=bucket, mounted=mounted, port=port, tmp=tmp_path)
+    state = dict(env=env, root=root, bucket=bucket, mounted=mounted, port=port, tmp=tmp_path)
+    yield state
     gcloud(env, "delete", "s", "--zone=z", "--quiet")  # kills whatever still runs on the slice
+    if running(stale := state.get("stale", 0)):
+        os.kill(stale, signal.SIGKILL)
     if mounted.is_symlink():
         mounted.unlink()
 
@@ -104,6 +115,11 @@ def test_tpu_vm_slice_lifecycle_with_preemption(slice_env):
     assert rc == 1, out
     assert "[worker 1] ov3: error: this host has no space left" in out, out
 
+    # A stale run on worker 0 (a process of an earlier launch, still holding the chips): stopped first.
+    stale = gcloud(env, "ssh", "s", "--zone=z", "--worker=0", "--command=nohup python3.11 -c 'import time; "
+                   "time.sleep(900)' ov3-stale >/dev/null 2>&1 & echo $! > ~/ov3.pid; echo $!")
+    stale_pid = slice_env["stale"] = int(stale.stdout)
+
     # The run: spot preemption at step >= 2, --until-done recreates the slice (an image with
     # Python 3.10 this time: apt installs 3.11), reinstalls and resumes.
     cmd = ["bash", str(REPO / "launch" / "tpu_vm.sh"), "run", *where, *job, "--until-done", "--type", "v4-16",
@@ -113,6 +129,8 @@ def test_tpu_vm_slice_lifecycle_with_preemption(slice_env):
         subprocess.run([str(STANDINS / "gcloud"), "_preempt", "s"], env={**os.environ, **env}, check=True,
                        timeout=200)
         assert run.finish(600) == 0, run.tail()
+    assert f"ov3: stopping the stale run on this worker (pid {stale_pid})" in (logs / "worker-0.log").read_text()
+    assert not running(stale_pid)
     assert "s is PREEMPTED after attempt 1: recreating and resuming" in run.output, run.tail()
     assert "finished on every worker (attempt 2)" in run.output, run.tail()
     assert steps_logged(workdir) == list(range(1, STEPS + 1))
