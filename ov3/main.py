@@ -1,6 +1,7 @@
 """CLI: python -m ov3.main --config configs/<name>.py --workdir DIR [--config.key=value ...]
 
-Restarting with the same DIR resumes from its latest checkpoint. Mistakes a user can make
+Restarting with the same DIR resumes from its latest checkpoint. The console shows ov3's lines
+and library warnings; `--verbosity=0` brings back absl's INFO lines (orbax, jax). Mistakes a user can make
 (config, files, data, checkpoints) print one message and exit 2, without a traceback.
 """
 
@@ -49,14 +50,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ov3 import train
+    from ov3 import metrics, train
+    metrics.quiet_library_logs()
     from ov3 import sharding
     try:
         train.train(_CONFIG.value, _WORKDIR.value)
     except Ov3Error as e:
         print(f"ov3: error: {e}", file=sys.stderr)
         exit_now(2)
-    except Exception:  # noqa: BLE001 - a bug or a lost peer: the traceback, then out (see exit_now)
+    except Exception as e:  # noqa: BLE001 - a bug or a lost peer: the traceback, then out (see exit_now)
+        message = train.explain_failure(e, _CONFIG.value, _WORKDIR.value)  # device OOM, a full disk
+        if message:
+            print(f"ov3: error: {message}", file=sys.stderr)
+            exit_now(2)
         traceback.print_exc()
         exit_now(1)
     sharding.shutdown_distributed()

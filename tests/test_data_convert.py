@@ -6,6 +6,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import grain
@@ -41,8 +43,9 @@ def _tar(path, members, mode="w"):
 
 def _records(out, split="train"):
     src = grain.sources.ArrayRecordDataSource(records.split_files(out, split))
-    return [(records.parse_example(src[i]), records.parse_ints(src[i]))
-            for i in range(len(src))]
+    parsed = [records.parse_features(src[i]) for i in range(len(src))]
+    return [({k: v[0] for k, v in f.items() if isinstance(v[0], bytes)},
+             {k: v[0] for k, v in f.items() if isinstance(v[0], int)}) for f in parsed]
 
 
 def _batches(out, split, **kw):
@@ -368,7 +371,7 @@ def test_karpathy_split_file_to_records_tfds_and_batches(tmp_path):
     src = grain.sources.ArrayRecordDataSource(records.split_files(out, "test"))
     stored = {}
     for i in range(len(src)):
-        lists = records.parse_bytes_lists(src[i])
+        lists = records.parse_features(src[i])
         stored[lists["key"][0].decode()] = lists
     want = {f"val2014/COCO_val2014_{i:012d}.jpg": [c for c in captions[i] if c.strip()] for i in (0, 1)}
     assert {k: [c.decode() for c in v["captions"]] for k, v in stored.items()} == want
@@ -401,3 +404,33 @@ def test_karpathy_split_file_to_records_tfds_and_batches(tmp_path):
     with pytest.raises(SystemExit):
         convert.main(["karpathy", "--input", str(path), "--root", str(tmp_path / "coco"), "--out", out,
                       "--split", "restval", "--workers", "1"])
+
+
+def _host_cmd(inputs, out, host=None, hosts=None):
+    cmd = [sys.executable, "-m", "ov3.data.convert", "webdataset", "--input", inputs, "--out", out,
+           "--workers", "1", "--no-progress"]
+    return cmd + (["--host-index", str(host), "--num-hosts", str(hosts)] if hosts else [])
+
+
+def test_two_hosts_convert_one_split_like_one_host(tmp_path):
+    """Two processes acting as two hosts (--host-index/--num-hosts) convert one split at once;
+    the result equals a one-host conversion: the same shard files, records and manifest
+    totals. A host re-run after the split is done changes nothing."""
+    d = tmp_path / "tars"
+    d.mkdir()
+    for t in range(5):
+        _tar(d / f"{t:05d}.tar", [m for i in range(3) for m in (
+            (f"{t}{i:03d}.png", _image(10 * t + i)), (f"{t}{i:03d}.txt", f"text {t} {i}".encode()))])
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    subprocess.run(_host_cmd(str(d), one), check=True, env=env, capture_output=True)
+    hosts = [subprocess.Popen(_host_cmd(str(d), two, h, 2), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for h in (1, 0)]
+    logs = [h.communicate(timeout=120)[0] for h in hosts]
+    assert [h.returncode for h in hosts] == [0, 0], logs
+    assert "host 1 of 2: its 2 shards" in logs[0] and "this run wrote 9 examples" in logs[1]
+    m1, m2 = records.read_manifest(one), records.read_manifest(two)
+    assert m2["splits"] == m1["splits"] and m2["splits"]["train"]["num_examples"] == 15
+    for shard in m1["splits"]["train"]["shards"]:
+        assert (tmp_path / "one" / shard).read_bytes() == (tmp_path / "two" / shard).read_bytes()
+    assert not [p for p in os.listdir(two) if p.startswith(".work-train") and not p.endswith(".lock")]
