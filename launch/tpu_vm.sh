@@ -165,8 +165,9 @@ worker_cmd() {  # worker_cmd I N COORDINATOR
 }
 
 # Runs ov3 on every worker, one ssh each, output appended to LOGS/worker-I.log. Sets RCS (exit
-# status per worker), FIRST_FAILURE (the first non-zero one: the others are then stopped) and
-# STOPPED_EARLY (a stop signal ended ov3 before the end: saved, or before the first step).
+# status per worker), FIRST_FAILURE and FIRST_FAILED (the first non-zero status and its worker:
+# the others are then stopped) and STOPPED (per worker: a stop signal ended ov3 before the end,
+# after saving or before the first step).
 run_workers() {
   local ips=("<worker-0 IP>") describe=("${GCLOUD[@]}" describe "$NAME" "${WHERE[@]}"
                                          --format='value(networkEndpoints[].ipAddress)')
@@ -188,7 +189,7 @@ run_workers() {
     "${cmd[@]}" >>"$LOGS/worker-$i.log" 2>&1 </dev/null &
     pids+=($!)
   done
-  RCS=() STOPPED_EARLY=0 FIRST_FAILURE=0
+  RCS=() STOPPED=() FIRST_FAILURE=0 FIRST_FAILED=0
   [[ "$DRY_RUN" == 0 ]] || return 0
   echo "[tpu_vm] $n workers running; logs: $LOGS/worker-*.log" >&2
   local live=("${pids[@]}") done_pid rc
@@ -197,20 +198,21 @@ run_workers() {
     wait -n -p done_pid "${live[@]}" && rc=0 || rc=$?
     [[ -n "$done_pid" ]] || continue
     for i in "${!pids[@]}"; do
-      if [[ "${pids[i]}" == "$done_pid" ]]; then RCS[i]=$rc; fi
+      if [[ "${pids[i]}" == "$done_pid" ]]; then RCS[i]=$rc; break; fi
     done
     live=()
     for i in "${!pids[@]}"; do
       if [[ -z "${RCS[i]:-}" ]]; then live+=("${pids[i]}"); fi
     done
     if ((rc != 0 && FIRST_FAILURE == 0)); then  # one worker is gone: the others cannot go on
-      FIRST_FAILURE=$rc
+      FIRST_FAILURE=$rc FIRST_FAILED=$i
       ((${#live[@]} == 0)) || kill -TERM "${live[@]}" 2>/dev/null || true
     fi
   done
   for ((i = 0; i < n; i++)); do
+    STOPPED[i]=0
     if tail -n "+$((starts[i] + 1))" "$LOGS/worker-$i.log" | grep -q "$STOPPED_EARLY"; then
-      STOPPED_EARLY=1
+      STOPPED[i]=1
     fi
   done
 }
@@ -235,15 +237,15 @@ run_until_done() {
     if [[ "$s" != READY ]]; then
       [[ "$UNTIL_DONE" == 1 ]] || die "$NAME is $s (preempted or stopped); run again with --until-done to recreate it and resume"
       echo "[tpu_vm] $NAME is $s after attempt $attempt: recreating and resuming" >&2
-    elif [[ "$STOPPED_EARLY" == 1 ]]; then
+    elif ((FIRST_FAILURE != 0 && STOPPED[FIRST_FAILED] == 0)); then
+      show_failures  # a worker failed on its own: a bug or bad input, not preemption
+      exit "$FIRST_FAILURE"
+    elif [[ " ${STOPPED[*]} " == *" 1 "* ]]; then
       [[ "$UNTIL_DONE" == 1 ]] || { echo "[tpu_vm] stopped early by a signal; run again to resume" >&2; exit "$FIRST_FAILURE"; }
       echo "[tpu_vm] stopped early by a signal on a READY slice (maintenance?): resuming" >&2
-    elif ((FIRST_FAILURE == 0)); then
+    else
       echo "[tpu_vm] finished on every worker (attempt $attempt)" >&2
       return 0
-    else
-      show_failures
-      exit "$FIRST_FAILURE"
     fi
   done
 }
