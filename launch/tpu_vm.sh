@@ -192,20 +192,20 @@ run_workers() {
   RCS=() STOPPED=() FIRST_FAILURE=0 FIRST_FAILED=0
   [[ "$DRY_RUN" == 0 ]] || return 0
   echo "[tpu_vm] $n workers running; logs: $LOGS/worker-*.log" >&2
-  local live=("${pids[@]}") done_pid rc
+  local live=("${pids[@]}") done_pid rc who
   while ((${#live[@]})); do
     done_pid=""
     wait -n -p done_pid "${live[@]}" && rc=0 || rc=$?
     [[ -n "$done_pid" ]] || continue
     for i in "${!pids[@]}"; do
-      if [[ "${pids[i]}" == "$done_pid" ]]; then RCS[i]=$rc; break; fi
+      if [[ "${pids[i]}" == "$done_pid" ]]; then RCS[i]=$rc who=$i; fi
     done
     live=()
     for i in "${!pids[@]}"; do
       if [[ -z "${RCS[i]:-}" ]]; then live+=("${pids[i]}"); fi
     done
     if ((rc != 0 && FIRST_FAILURE == 0)); then  # one worker is gone: the others cannot go on
-      FIRST_FAILURE=$rc FIRST_FAILED=$i
+      FIRST_FAILURE=$rc FIRST_FAILED=$who
       ((${#live[@]} == 0)) || kill -TERM "${live[@]}" 2>/dev/null || true
     fi
   done
