@@ -117,7 +117,7 @@ def test_tpu_vm_slice_lifecycle_with_preemption(slice_env):
 
     # A stale run on worker 0 (a process of an earlier launch, still holding the chips): stopped first.
     stale = gcloud(env, "ssh", "s", "--zone=z", "--worker=0", "--command=nohup python3.11 -c 'import time; "
-                   "time.sleep(900)' ov3-stale >/dev/null 2>&1 & echo $! > ~/ov3.pid; echo $!")
+                   "time.sleep(900)' ov3-stale >/dev/null 2>&1 & echo $! > ~/ov3.pid; echo $!; sleep 2")  # nohup: set up
     stale_pid = slice_env["stale"] = int(stale.stdout)
 
     # The run: spot preemption at step >= 2, --until-done recreates the slice (an image with
