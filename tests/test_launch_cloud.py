@@ -146,14 +146,12 @@ def test_tpu_vm_slice_lifecycle_with_preemption(slice_env):
 
     rc, out = tpu("logs", "--logs", str(logs), "--lines", "5")
     assert rc == 0 and "worker-0.log <==" in out and "worker-1.log <==" in out, out
-    old_workers = workers()
     assert tpu("stop")[0] == 0
     assert gcloud(env, "describe", "s", "--zone=z", "--format=value(state)").stdout.strip() == "STOPPED"
     rc, out = tpu("delete")
     assert rc == 0, out
     r = gcloud(env, "describe", "s", "--zone=z")
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr
-    assert not any(w.exists() for w in old_workers)
 
 
 # ----------------------------------------------------------------------------- SLURM and one GPU node
