@@ -11,7 +11,9 @@ CORE = [line.strip() for line in (HERE / "requirements.txt").read_text().splitli
 EXTRAS = {
     # Parity tests against the real PyTorch libraries (CPU torch wheel; no torchvision needed).
     "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "diffusers>=0.30", "transformers>=4.45",
-             "scikit-image>=0.22", "scipy>=1.11", "scikit-learn>=1.4"],
+             "scikit-image>=0.22", "scipy>=1.11", "scikit-learn>=1.4", "matplotlib>=3.8"],
+    # python -m ov3.tools.plot (training curves).
+    "plot": ["matplotlib>=3.8"],
     # Building TFDS datasets and clu's metric writers need TensorFlow (~1.3 GB): opt in.
     "tf": ["tensorflow-cpu>=2.16", "tensorboard>=2.16"],
 }

@@ -35,10 +35,10 @@
                 inception_crop) or "center_crop"; eval always centre-crops
   rrc_area      [(0.4, 1.0)] crop area as a fraction of the image (area_min=40)
   rrc_ratio     [(3/4, 4/3)] crop aspect ratio range
-  color_jitter  [0.0] training only: strength s of SimCLR-style colour jitter, applied with
-                probability 0.8: brightness, contrast and saturation factors in [1-s, 1+s],
-                hue shifted by up to s/4 of the colour wheel (OpenVision: 0.4). 0 = off
-  grayscale     [0.0] training only: probability of turning the image grayscale (3 channels)
+  color_jitter  [0.0] training only: strength s of SimCLR's colour jitter (color_augment;
+                OpenVision's simclr_jitter_gray uses 0.4). 0 = off
+  grayscale     [0.0] training only: probability of a grayscale image, 3 channels kept
+                (OpenVision: 0.2, with the jitter)
   num_epochs    [None] training passes; None repeats forever
   worker_count  [0] grain worker processes; 0 decodes in this process. Programs using
                 workers need an `if __name__ == "__main__":` guard (spawned workers)
@@ -160,13 +160,16 @@ def caption_sentences(caption: str) -> list[str]:
 
 
 def color_augment(img: Image.Image, rng: np.random.Generator, strength: float, grayscale: float) -> Image.Image:
-    """SimCLR/MoCo-v2 colour distortion (config.data.color_jitter, grayscale), fixed order."""
+    """SimCLR (v2) colour distortion at `strength` s, as OpenVision's simclr_jitter_gray: with
+    probability 0.8, brightness, contrast and saturation factors in [1 - 0.8s, 1 + 0.8s] and a hue
+    shift of up to 0.2s of the colour wheel (in this fixed order; SimCLR shuffles it); then
+    grayscale with probability `grayscale`."""
     if strength > 0 and rng.uniform() < 0.8:
-        lo, hi = max(0.0, 1 - strength), 1 + strength
+        lo, hi = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
         img = ImageEnhance.Brightness(img).enhance(rng.uniform(lo, hi))
         img = ImageEnhance.Contrast(img).enhance(rng.uniform(lo, hi))
         img = ImageEnhance.Color(img).enhance(rng.uniform(lo, hi))
-        shift = round(rng.uniform(-strength / 4, strength / 4) * 256)
+        shift = round(rng.uniform(-0.2 * strength, 0.2 * strength) * 256)
         if shift:
             hsv = np.asarray(img.convert("HSV")).copy()
             hsv[..., 0] = (hsv[..., 0].astype(np.int32) + shift) % 256
