@@ -29,6 +29,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""            # new stage: params from this run dir's latest checkpoint (or DIR/checkpoints/STEP),
                                 # position embeddings resized, fresh optimizer, step 0 (ov3/stages.py)
 
+    # Where numbers go besides DIR/metrics.jsonl and DIR/tensorboard: Weights & Biases when
+    # log.wandb.project is set (pip install -e '.[wandb]'); mode "offline" writes DIR/wandb only
+    # (upload later with `wandb sync`).
+    c.log = ml_collections.ConfigDict(dict(wandb=dict(project="", entity="", name="", mode="online")))
+
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -98,7 +103,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                "model.posemb": ("sincos", "learn"), "model.remat": ("none", "full", "dots"),
                "model.dtype": ("float32", "bfloat16"), "model.noise_mode": ("absolute", "relative"),
                "model.input": ("latents", "pixels"), "vae.dtype": ("float32", "bfloat16"),
-               "vae.latent_norm": ("scale", "scale_shift"), "optim.mu_dtype": ("float32", "bfloat16")}
+               "vae.latent_norm": ("scale", "scale_shift"), "optim.mu_dtype": ("float32", "bfloat16"),
+               "log.wandb.mode": ("online", "offline", "disabled")}
     for key, allowed in choices.items():
         value = cfg
         for part in key.split("."):

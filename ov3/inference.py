@@ -87,13 +87,14 @@ class Encoder:
     @functools.cached_property
     def vae(self) -> Any:
         from ov3.models import vae as vae_lib
+        from ov3.models import vae_weights
         if self.config.model.get("input", "latents") == "pixels":  # trained without a VAE
             return vae_lib.Identity()
         if not self.vae_path:
             raise Ov3Error("config.vae.path is empty, so there is no VAE to encode images with; pass "
                            "vae_path= to Encoder.from_workdir (the diffusers folder or FLUX ae.safetensors "
                            "the run was trained with), or use encode_latents.")
-        vae = vae_lib.from_pretrained(self.vae_path, jnp.float32, self.config.vae.get("latent_norm", "scale"))
+        vae = vae_weights.from_pretrained(self.vae_path, jnp.float32, self.config.vae.get("latent_norm", "scale"))
         if vae.config.latent_channels != self.spec.latent_channels:
             raise Ov3Error(f"the VAE at {self.vae_path} has {vae.config.latent_channels} latent channels; "
                            f"this encoder was trained on {self.spec.latent_channels}. Pass the run's VAE.")

@@ -1,6 +1,7 @@
 """CLI: python -m ov3.main --config configs/<name>.py --workdir DIR [--config.key=value ...]
 
-Restarting with the same DIR resumes from its latest checkpoint. Mistakes a user can make
+Restarting with the same DIR resumes from its latest checkpoint. The console shows ov3's lines
+and library warnings; `--verbosity=0` brings back absl's INFO lines (orbax, jax). Mistakes a user can make
 (config, files, data, checkpoints) print one message and exit 2, without a traceback.
 """
 
@@ -49,7 +50,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from ov3 import train
+    from ov3 import metrics, train
+    metrics.quiet_library_logs()
     from ov3 import sharding
     try:
         train.train(_CONFIG.value, _WORKDIR.value)

@@ -1,6 +1,6 @@
 """Where numbers go: DIR/metrics.jsonl (one JSON object per logged step), TensorBoard event
-files (tensorboardX: no TensorFlow needed) and a console line with rate and ETA.
-Only process 0 writes."""
+files (tensorboardX: no TensorFlow needed), Weights & Biases when `config.log.wandb.project` is
+set, and a console line with rate and ETA. Only process 0 writes."""
 
 from __future__ import annotations
 
@@ -8,20 +8,33 @@ import json
 import math
 import pathlib
 import time
+import uuid
 from typing import Any
 
 import jax
 import numpy as np
 
 
+def quiet_library_logs() -> None:
+    """WARNING and above on the console unless `--verbosity` was given: absl's app.run turns
+    INFO on, and orbax logs dozens of INFO lines per checkpoint save."""
+    from absl import flags, logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 class MetricWriter:
-    def __init__(self, workdir: str | pathlib.Path):
+    def __init__(self, workdir: str | pathlib.Path, log: Any = None, config: Any = None):
+        """`log`: config.log (None: no W&B); `config`: the run's config, stored with the W&B run."""
         self.enabled = jax.process_index() == 0
         self.workdir = pathlib.Path(workdir)
+        self.wandb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
             self.jsonl = open(self.workdir / "metrics.jsonl", "a")
             self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            if log is not None and log.wandb.project:
+                self.wandb = start_wandb(self.workdir, log.wandb, config)
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -32,15 +45,39 @@ class MetricWriter:
             self.tb.add_scalar(k, row[k], int(step))
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
     def image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
         if self.enabled:
             self.tb.add_image(name, image_hwc_uint8, int(step), dataformats="HWC")
+            if self.wandb is not None:
+                import wandb
+                self.wandb.log({name: wandb.Image(image_hwc_uint8)}, step=int(step))
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def start_wandb(workdir: pathlib.Path, cfg: Any, config: Any = None) -> Any:
+    """A W&B run in DIR/wandb. Its id is kept in DIR/wandb_run_id, so a resumed (or preempted
+    and restarted) training run continues the same W&B run instead of starting a new one."""
+    try:
+        import wandb
+    except ImportError:
+        from ov3.errors import Ov3Error
+        raise Ov3Error("config.log.wandb.project is set but wandb is not installed: pip install -e '.[wandb]' "
+                       "(or leave log.wandb.project empty).") from None
+    id_file = workdir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or workdir.name,
+                      mode=cfg.mode, dir=str(workdir), id=run_id, resume="allow",
+                      config=config.to_dict() if config is not None else None)
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, float]]:
@@ -64,8 +101,19 @@ class Progress:
                 f"| {images_per_s:.1f} img/s | elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
 
 
-def image_grid(rows: list[np.ndarray]) -> np.ndarray:
-    """rows: list of (N, H, W, 3) float images in [-1, 1] -> one uint8 (rows*H, N*W, 3) grid."""
+def image_grid(rows: list[np.ndarray], labels: list[str], min_width: int = 512) -> np.ndarray:
+    """rows: list of (N, H, W, 3) float images in [-1, 1] -> one uint8 grid: each row under a
+    band with its label, tiles upscaled (nearest, an integer factor) to >= `min_width` px wide,
+    so 32 px tiles can be looked at without zooming."""
+    from PIL import Image, ImageDraw
     strips = [np.concatenate(list(r), axis=1) for r in rows]
-    grid = np.concatenate(strips, axis=0)
-    return np.clip((grid + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    factor = max(1, -(-min_width // strips[0].shape[1]))
+    band = 20
+    out = []
+    for strip, label in zip(strips, labels, strict=True):
+        pixels = np.clip((strip + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        pixels = pixels.repeat(factor, axis=0).repeat(factor, axis=1)
+        header = Image.new("RGB", (pixels.shape[1], band), (255, 255, 255))
+        ImageDraw.Draw(header).text((4, 3), label, fill=(0, 0, 0))
+        out += [np.asarray(header), pixels]
+    return np.concatenate(out, axis=0)

@@ -1,7 +1,7 @@
 """Peak bf16 FLOP/s per device and model FLOPs utilisation (MFU).
 
 MFU = (analytic model FLOPs of a step / step time / devices) / the device's dense bf16 peak.
-Model FLOPs come from `ov3.tools.flops` (remat recomputation is not counted, by definition).
+Model FLOPs come from `ov3.flops` (remat recomputation is not counted, by definition).
 Peaks are vendor figures, dense (no 2:4 sparsity), per JAX device: on TPU v4 and v5p one JAX
 device is one chip (both TensorCores, "megacore").
 """

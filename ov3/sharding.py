@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
 from typing import Any
 
@@ -161,7 +162,6 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     watchdog fires just before it does.
     """
     import os
-    import sys
     import threading
 
     def env_int(name: str, given: int | None) -> int | None:
@@ -226,9 +226,17 @@ def shutdown_distributed(grace_s: float = 10.0) -> None:
     So process 0 waits, after the barrier, until the other processes have dropped their
     connections to the service (they do so on exit; at most `grace_s`), then stops it. Call
     this at the end of a successful run."""
-    from jax._src import distributed  # the public API shuts client and service down together
-
-    state = distributed.global_state
+    state = _distributed_state()
+    if state is None:
+        # A jax without the private state (ov3 is tested with constraints.txt's): the public call.
+        print(f"ov3: warning: jax {jax.__version__} has no jax._src.distributed.global_state, so process 0 "
+              "stops the coordination service without waiting for the others (it may then abort at exit); "
+              "install the tested versions: pip install -c constraints.txt -e .", file=sys.stderr, flush=True)
+        if not callable(getattr(jax.distributed, "shutdown", None)):
+            raise Ov3Error(f"jax {jax.__version__} has neither jax._src.distributed.global_state nor "
+                           "jax.distributed.shutdown: install the tested versions (pip install -c constraints.txt -e .).")
+        jax.distributed.shutdown()
+        return
     service, state.service = state.service, None
     jax.distributed.shutdown()  # the client: returns once every process has reached it
     if service is None:
@@ -239,6 +247,18 @@ def shutdown_distributed(grace_s: float = 10.0) -> None:
     while port is not None and _open_connections(port) > 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     service.shutdown()
+
+
+def _distributed_state() -> Any:
+    """jax's private distributed state, whose service ov3 stops itself (the public API shuts client
+    and service down together), or None where this jax version has moved or renamed it."""
+    try:
+        from jax._src import distributed
+        state = distributed.global_state
+        state.service, state.coordinator_address  # noqa: B018 - the attributes shutdown_distributed uses
+    except (ImportError, AttributeError):
+        return None
+    return state
 
 
 def _open_connections(port: int) -> int:

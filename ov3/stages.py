@@ -181,6 +181,8 @@ def cli() -> None:
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        from ov3 import metrics
+        metrics.quiet_library_logs()
         try:
             run(pretrain.value, finetune.value, workdir.value)
         except Ov3Error as e:

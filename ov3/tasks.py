@@ -18,6 +18,7 @@ from ov3 import losses
 from ov3.errors import Ov3Error
 from ov3.models import registry
 from ov3.models import vae as vae_lib
+from ov3.models import vae_weights
 from ov3.models.ov3 import OV3Model, ModelSpec
 
 Batch = dict[str, jax.Array]
@@ -165,10 +166,10 @@ class VAETask:
         return self.vae.decode_raw_fn(params, mean)
 
     def save_vae(self, params: Any, images: jax.Array, out_dir: pathlib.Path) -> pathlib.Path:
-        """Write the fitted VAE in diffusers layout (loadable by diffusers and `vae.from_pretrained`),
+        """Write the fitted VAE in diffusers layout (loadable by diffusers and `vae_weights.from_pretrained`),
         with `scaling_factor` = 1 / std of the posterior means on `images`, the same recipe that
         gave SD its 0.18215, so the ViT sees unit-variance latents."""
         mean, _ = self.vae.posterior(params, images)
         config = dataclasses.replace(self.vae.config, scaling_factor=float(1.0 / jnp.std(mean)))
-        vae_lib.save_pretrained(vae_lib.VAE(self.vae.module, jax.device_get(params), config), out_dir)
+        vae_weights.save_pretrained(vae_lib.VAE(self.vae.module, jax.device_get(params), config), out_dir)
         return out_dir

@@ -31,7 +31,7 @@ from ov3 import checkpoint as ckpt_lib
 from ov3 import config as config_lib
 from ov3 import metrics as metrics_lib
 from ov3 import perf, sharding
-from ov3.tools import flops as flops_lib
+from ov3 import flops as flops_lib
 from ov3.errors import Ov3Error
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -167,6 +167,7 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
     """(task, tokenizer or None) for `config.task`."""
     from ov3 import tasks
     from ov3.models import vae as vae_lib
+    from ov3.models import vae_weights
     pixels = cfg.task == "ov3" and cfg.model.input == "pixels"  # no VAE: the "w/o VAE" ablation
     if not cfg.vae.path and not pixels:
         raise Ov3Error("config.vae.path is empty: point it at a diffusers AutoencoderKL folder "
@@ -174,15 +175,15 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
     dtype = DTYPES[cfg.vae.dtype]
     if cfg.task == "vae":
         folder = pathlib.Path(cfg.vae.path)
-        if (folder / "config.json").is_file() and not (folder / vae_lib.WEIGHTS_NAME).is_file():
+        if (folder / "config.json").is_file() and not (folder / vae_weights.WEIGHTS_NAME).is_file():
             # An architecture without weights: train it from random init.
             vae = vae_lib.init_random(json.loads((folder / "config.json").read_text()), cfg.seed, dtype=dtype,
                                       latent_norm=cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
         else:
-            vae = vae_lib.from_pretrained(folder, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
+            vae = vae_weights.from_pretrained(folder, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
         return tasks.VAETask(cfg, vae=vae), None
     from ov3.data.tokenizer import Tokenizer
-    vae = vae_lib.Identity() if pixels else vae_lib.from_pretrained(
+    vae = vae_lib.Identity() if pixels else vae_weights.from_pretrained(
         cfg.vae.path, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
     tokenizer = Tokenizer.from_file(tokenizer_path(cfg))
     task = tasks.OV3Task(cfg, vae=vae, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
@@ -230,11 +231,13 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
 
 def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, images: jax.Array,
                               workdir: pathlib.Path, writer: metrics_lib.MetricWriter, step: int) -> pathlib.Path:
-    """Held-out originals (top row) over their reconstructions (bottom row), as a PNG in DIR."""
+    """Held-out originals (top row) over their reconstructions (bottom row), labelled and
+    upscaled to >= 512 px wide, as a PNG in DIR."""
     from PIL import Image
     with trainer.context():
         recon = jax.jit(trainer.task.reconstruct)(state.params, frozen, images)
-    grid = metrics_lib.image_grid([to_host(images), to_host(recon)])
+    grid = metrics_lib.image_grid([to_host(images), to_host(recon)],
+                                  ["originals (held out)", f"reconstructions at step {step}"])
     path = workdir / f"reconstructions_{step:06d}.png"
     if jax.process_index() == 0:
         Image.fromarray(grid).save(path)
@@ -273,7 +276,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
         state = checkpointer.restore(start, trainer.abstract_state, data)
         print(f"resumed from {checkpointer.directory / str(start)}", flush=True)
     frozen = trainer.put_frozen(task.frozen_params())
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, cfg.log, cfg)
 
     batch = next(data)
     t_compile = time.time()

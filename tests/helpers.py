@@ -25,11 +25,12 @@ def make_assets(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """(dataset dir, vae dir) under root, created once."""
     from ov3.data import synthetic
     from ov3.models import vae as vae_lib
+    from ov3.models import vae_weights
     data, vae = root / "data", root / "vae"
     if not (data / "manifest.json").exists():
         synthetic.write_dataset(str(data), num_train=64, num_heldout=16, size=16, vocab_size=128)
     if not (vae / "config.json").exists():
-        vae_lib.save_pretrained(vae_lib.init_random(TINY_VAE, seed=0), vae)
+        vae_weights.save_pretrained(vae_lib.init_random(TINY_VAE, seed=0), vae)
     return data, vae
 
 

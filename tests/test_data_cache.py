@@ -6,7 +6,7 @@ import pytest
 
 from ov3.data import cache_latents, pipeline, records
 from ov3.errors import Ov3Error
-from ov3.models import vae as vae_lib
+from ov3.models import vae_weights
 from tests.helpers import make_assets
 
 SIZE = 16
@@ -49,7 +49,7 @@ def test_cached_batch_latent_is_the_vae_encoding_of_its_image(cache):
     b = next(_iterator(out, train=True, use_cached_latents=True, augment="rrc"))
     assert set(b) == {"image", "text", "caption", "latent"}
     assert b["latent"].shape == (16, 8, 8, 16) and b["latent"].dtype.name == "bfloat16"
-    ref = np.asarray(vae_lib.from_pretrained(vae_dir).encode(b["image"]))
+    ref = np.asarray(vae_weights.from_pretrained(vae_dir).encode(b["image"]))
     lat = b["latent"].astype(np.float32)
     assert np.abs(ref).max() > 0.1
     np.testing.assert_array_less(np.abs(lat - ref), 1e-2 * np.maximum(1, np.abs(ref)))

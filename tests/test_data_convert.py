@@ -6,6 +6,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import grain
@@ -31,8 +33,8 @@ def _pixels(data: bytes) -> bytes:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).tobytes()
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
+def _tar(path, members, mode="w"):
+    with tarfile.open(path, mode) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -113,6 +115,7 @@ def test_webdataset_round_trip_and_bad_inputs(wds):
     assert info["text_sources"] == {"alt_text": {"org_caption": 5, "txt": 1},
                                     "caption": {"txt": 6}}
     assert list(info["input_errors"]) == [os.path.join(os.path.dirname(out), "00002.tar")]
+    assert info["input_bytes_lost"] == 700  # the tar broke in its first example
     assert not os.path.exists(os.path.join(out, ".work-train"))
     rows, it = _batches(out, "train")
     tok = it.tokenizer
@@ -134,6 +137,46 @@ def test_rerun_of_a_finished_split_is_a_no_op(wds, capsys):
     assert convert.convert(reader, out, "train", num_shards=3, workers=1,
                            show_progress=False) == manifest
     assert "already converted" in capsys.readouterr().out
+
+
+def test_webdataset_tar_gz_member_cap_and_bytes_lost(tmp_path):
+    """.tar.gz shards convert; a member over --max-member-mb is skipped unread and counted
+    as image_too_large; a gz tar that ends early reports the bytes lost from the example
+    being read on (to within tarfile's 10 KB read-ahead: compressed bytes)."""
+    import tracemalloc
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    members = [m for i in range(3) for m in ((f"{i:03d}.png", _image(i)), (f"{i:03d}.txt", b"t"))]
+    members += [("big.jpg", rng.bytes(8 << 20)), ("big.txt", b"too large"),  # 8 MB > 1 MB cap
+                ("003.png", _image(3)), ("003.txt", b"t")]
+    _tar(d / "a.tar.gz", members, "w:gz")
+
+    def noise_png(i):  # ~49 KB that gzip cannot shrink: the break lands in a known example
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (128, 128, 3), np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    _tar(d / "b.tgz", [m for i in range(4) for m in ((f"b{i}.png", noise_png(i)), (f"b{i}.txt", b"t"))],
+         "w:gz")
+    cut = (d / "b.tgz").stat().st_size * 5 // 8  # inside b2.png
+    (d / "b.tgz").write_bytes((d / "b.tgz").read_bytes()[:cut])
+    out = str(tmp_path / "out")
+    tracemalloc.start()
+    convert.main(["webdataset", "--input", str(d), "--out", out, "--workers", "1",
+                  "--max-member-mb", "1", "--no-progress"])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20  # the 8 MB member was never read whole
+    m = records.read_manifest(out)
+    split, info = m["splits"]["train"], m["per_split"]["train"]
+    assert sorted(f["key"].decode() for f, _ in _records(out)) == ["000", "001", "002", "003", "b0", "b1"]
+    assert split["skipped"] == {"bad_tar": 1, "image_too_large": 1}
+    (path, error), = info["input_errors"].items()
+    assert path.endswith("b.tgz") and f"{info['input_bytes_lost']:,} of {cut:,} bytes lost" in error
+    # b2 starts after 2 x (PNG + txt); tarfile's read-ahead (10 KB) makes the count lower.
+    lost = cut - 2 * (len(noise_png(0)) + 1024 + 1024)
+    assert lost - 10240 - 1024 <= info["input_bytes_lost"] <= lost + 1024
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
@@ -360,3 +403,33 @@ def test_karpathy_split_file_to_records_tfds_and_batches(tmp_path):
     with pytest.raises(SystemExit):
         convert.main(["karpathy", "--input", str(path), "--root", str(tmp_path / "coco"), "--out", out,
                       "--split", "restval", "--workers", "1"])
+
+
+def _host_cmd(inputs, out, host=None, hosts=None):
+    cmd = [sys.executable, "-m", "ov3.data.convert", "webdataset", "--input", inputs, "--out", out,
+           "--workers", "1", "--no-progress"]
+    return cmd + (["--host-index", str(host), "--num-hosts", str(hosts)] if hosts else [])
+
+
+def test_two_hosts_convert_one_split_like_one_host(tmp_path):
+    """Two processes acting as two hosts (--host-index/--num-hosts) convert one split at once;
+    the result equals a one-host conversion: the same shard files, records and manifest
+    totals. A host re-run after the split is done changes nothing."""
+    d = tmp_path / "tars"
+    d.mkdir()
+    for t in range(5):
+        _tar(d / f"{t:05d}.tar", [m for i in range(3) for m in (
+            (f"{t}{i:03d}.png", _image(10 * t + i)), (f"{t}{i:03d}.txt", f"text {t} {i}".encode()))])
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    subprocess.run(_host_cmd(str(d), one), check=True, env=env, capture_output=True)
+    hosts = [subprocess.Popen(_host_cmd(str(d), two, h, 2), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for h in (1, 0)]
+    logs = [h.communicate(timeout=120)[0] for h in hosts]
+    assert [h.returncode for h in hosts] == [0, 0], logs
+    assert "host 1 of 2: its 2 shards" in logs[0] and "this run wrote 9 examples" in logs[1]
+    m1, m2 = records.read_manifest(one), records.read_manifest(two)
+    assert m2["splits"] == m1["splits"] and m2["splits"]["train"]["num_examples"] == 15
+    for shard in m1["splits"]["train"]["shards"]:
+        assert (tmp_path / "one" / shard).read_bytes() == (tmp_path / "two" / shard).read_bytes()
+    assert not [p for p in os.listdir(two) if p.startswith(".work-train") and not p.endswith(".lock")]

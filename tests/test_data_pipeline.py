@@ -242,3 +242,24 @@ def test_config_errors(shapes):
         _it(_cfg(shapes), split="validation")
     with pytest.raises(Ov3Error, match="source"):
         _it(_cfg(shapes, source="webdataset"))
+
+
+def test_read_latency_delays_every_read_and_changes_no_batch(shapes, capsys):
+    """bench_data's bucket stand-in: with read_latency_ms every record read waits first;
+    the batches are the ones without it. bench_data runs both settings back to back."""
+    import time
+
+    from ov3.tools import bench_data
+    cfg = _cfg(shapes, read_threads=1)
+    plain = _take(_it(cfg), 2)
+    t0 = time.perf_counter()
+    slow_it = pipeline.make_process_iterator(
+        cfg, mesh=None, global_batch_size=8, image_size=SIZE, split="train", train=True,
+        seed=0, tokenizer=None, process_index=0, process_count=1, read_latency_ms=20)
+    slow = _take(slow_it, 2)
+    assert time.perf_counter() - t0 >= 16 * 0.020  # 16 reads in one thread: what sleep guarantees
+    assert _same(plain, slow)
+    bench_data.main(["--path", shapes, "--image-size", str(SIZE), "--batch", "8",
+                     "--batches", "1", "--threads", "2", "--read-latency-ms", "0,20"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r["read_latency_ms"] for r in rows] == [0, 20] and "ratio_to_0ms" in rows[1]

@@ -24,7 +24,6 @@ from ov3.data.tokenizer import Tokenizer
 from ov3.errors import Ov3Error
 from ov3.evals import evaluators, inception, metrics, reconstruction
 from ov3.evals.base import Context, ModelFns
-from ov3.evals.understanding import recall_at_k
 from tests.helpers import make_assets, tiny_config
 
 CLASSES = ["circle", "square", "triangle", "diamond"]
@@ -158,7 +157,8 @@ def test_retrieval_with_several_captions_per_image(assets, tmp_path):
     """A Karpathy-style split (python -m ov3.data.convert karpathy): every caption is a text,
     its own image the hit. Images embed as the bag of their first caption; image 5's second
     and third captions name image 0's word, so those two texts rank image 0 first (R@1 miss)
-    and their own image second (R@5 hit): t2i R@1 = 29/31."""
+    and score their own image 0, tied with four other images: ties count against the model,
+    so they are R@5 misses too (t2i R@1 = R@5 = 29/31) and R@6 hits."""
     from ov3.data import convert
     from tests.helpers import write_karpathy
     data, vae, _ = assets
@@ -173,13 +173,14 @@ def test_retrieval_with_several_captions_per_image(assets, tmp_path):
     shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
     tok = Tokenizer.from_file(str(data / "tokenizer.json"))
     cfg = tiny_config(data, vae)
-    cfg.evals.coco = dict(type="retrieval", data_path=str(out), split="test", batch_size=8, ks=[1, 5])
+    cfg.evals.coco = dict(type="retrieval", data_path=str(out), split="test", batch_size=8, ks=[1, 5, 6])
     cfg.evals.first_caption_only = dict(type="retrieval", data_path=str(out), split="test", batch_size=8,
                                         text_key="alt_text", ks=[1])
     out = fake_evaluators(cfg, fake_fns(tok, cfg.data.text_len, image_from_text=True), tok).run(None, None)
     assert out["coco"]["num_images"] == 6 and out["coco"]["num_texts"] == 31
     assert out["coco"]["i2t_R@1"] == 1.0 and out["coco"]["i2t_R@5"] == 1.0
-    assert out["coco"]["t2i_R@1"] == pytest.approx(29 / 31) and out["coco"]["t2i_R@5"] == 1.0
+    assert out["coco"]["t2i_R@1"] == out["coco"]["t2i_R@5"] == pytest.approx(29 / 31)
+    assert out["coco"]["t2i_R@6"] == 1.0
     # An explicit text_key reads one text per image, as before.
     assert out["first_caption_only"]["num_texts"] == 6 and out["first_caption_only"]["t2i_R@1"] == 1.0
 
@@ -204,12 +205,13 @@ def test_recall_with_repeated_texts():
     group = np.concatenate([np.arange(9), rng.integers(0, 9, 14)])  # 14 images repeat a text
     img = txt[group] + 0.6 * rng.normal(size=(23, 6)).astype(np.float32)  # near their text, not on it
     img /= np.linalg.norm(img, axis=1, keepdims=True)
-    got = recall_at_k(img, txt, group, ks=(1, 2, 5), chunk=4)  # 4 does not divide 23: padded block
+    # 4 does not divide 23: a padded block
+    got = metrics.retrieval_recall(img, txt, image_to_text=group, ks=(1, 2, 5), chunk=4)
     want = naive_recall(img, txt, group, (1, 2, 5))
     assert got == pytest.approx(want) and 0 < got["i2t_R@1"] < 1 and 0 < got["t2i_R@1"] < 1
-    # One text per image: the colleague's retrieval_recall (several captions per image) agrees.
-    one = recall_at_k(img[:9], txt, np.arange(9), ks=(1, 5))
-    assert one == pytest.approx(metrics.retrieval_recall(img[:9], txt, np.arange(9), ks=(1, 5)))
+    # One text per image: both mappings describe the same pairs.
+    one = metrics.retrieval_recall(img[:9], txt, image_to_text=np.arange(9), ks=(1, 5))
+    assert one == pytest.approx(metrics.retrieval_recall(img[:9], txt, text_to_image=np.arange(9), ks=(1, 5)))
 
 
 # ------------------------------------------------------------- the real model, every mesh

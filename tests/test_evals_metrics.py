@@ -130,7 +130,7 @@ def test_retrieval_recall_hand_computed():
     texts = np.array([[1, 0, 0], [0.2, 1, 0], [0, 1, 0.5], [0, 0.3, 1], [0.1, 0.2, 0.3],
                       [1, 0.5, 0.4]])
     idx = np.array([0, 0, 1, 1, 2, 2])
-    r = metrics.retrieval_recall(images, texts, idx, ks=(1, 2, 3), chunk=2)
+    r = metrics.retrieval_recall(images, texts, text_to_image=idx, ks=(1, 2, 3), chunk=2)
     np.testing.assert_allclose([r["t2i_R@1"], r["t2i_R@2"], r["t2i_R@3"]], [3 / 6, 5 / 6, 1])
     np.testing.assert_allclose([r["i2t_R@1"], r["i2t_R@2"], r["i2t_R@3"]], [1 / 3, 1, 1])
 
@@ -153,7 +153,7 @@ def test_retrieval_recall_karpathy_layout_matches_sorting():
     img = rng.normal(size=(n_img, dim))
     idx = np.repeat(np.arange(n_img), 5)  # 5 captions per image, Karpathy layout
     txt = img[idx] + 1.2 * rng.normal(size=(len(idx), dim))
-    got = metrics.retrieval_recall(img, txt, idx, chunk=16)
+    got = metrics.retrieval_recall(img, txt, text_to_image=idx, chunk=16)
     want = _recall_by_sorting(img, txt, idx, (1, 5, 10))
     assert 0.1 < want["t2i_R@1"] < 0.9  # neither trivial nor hopeless
     for key, value in want.items():
@@ -161,7 +161,20 @@ def test_retrieval_recall_karpathy_layout_matches_sorting():
 
 
 def test_retrieval_recall_rejects_bad_index():
-    with pytest.raises(Ov3Error, match="text_to_image_index"):
-        metrics.retrieval_recall(np.eye(3), np.eye(3)[:2], np.array([0, 1]))
-    with pytest.raises(Ov3Error, match="text_to_image_index"):
-        metrics.retrieval_recall(np.eye(3), np.eye(3), np.array([0, 1, 1, 2]))
+    with pytest.raises(Ov3Error, match="text_to_image"):
+        metrics.retrieval_recall(np.eye(3), np.eye(3)[:2], text_to_image=np.array([0, 1]))
+    with pytest.raises(Ov3Error, match="text_to_image"):
+        metrics.retrieval_recall(np.eye(3), np.eye(3), text_to_image=np.array([0, 1, 1, 2]))
+
+
+def test_ranking_ties_and_nan_are_not_hits():
+    """Collapsed embeddings tie everywhere: chance-or-worse, not 100 %; NaN gives NaN."""
+    same = np.ones((6, 4))
+    labels = np.arange(6) % 3
+    assert metrics.zero_shot_topk(same, np.ones((3, 4)), labels, ks=(1, 3)) == {"top1": 0.0, "top3": 1.0}
+    r = metrics.retrieval_recall(same, same, text_to_image=np.arange(6), ks=(1, 6))
+    assert r == {"i2t_R@1": 0.0, "t2i_R@1": 0.0, "i2t_R@6": 1.0, "t2i_R@6": 1.0}
+    nan = np.full((6, 4), np.nan)
+    assert all(np.isnan(v) for v in metrics.zero_shot_topk(nan, np.eye(3, 4), labels).values())
+    for mapping in ({"text_to_image": np.arange(6)}, {"image_to_text": np.arange(6)}):
+        assert all(np.isnan(v) for v in metrics.retrieval_recall(nan, np.eye(6, 4), **mapping).values())

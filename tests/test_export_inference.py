@@ -34,9 +34,10 @@ def run(tmp_path_factory):
 def vae(run):
     """A tiny random FLUX-shaped VAE (16 latent channels, x8) at the workdir's config.vae.path."""
     vae_lib = pytest.importorskip("ov3.models.vae")
+    from ov3.models import vae_weights
     cfg = {**vae_lib.FLUX1_DEV_CONFIG, "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4,
            "layers_per_block": 1, "mid_block_add_attention": False}
-    vae_lib.save_pretrained(vae_lib.init_random(cfg, seed=0), run["root"] / "vae")
+    vae_weights.save_pretrained(vae_lib.init_random(cfg, seed=0), run["root"] / "vae")
 
 
 @pytest.fixture(scope="module")

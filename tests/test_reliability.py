@@ -224,8 +224,10 @@ def config(tmp_path_factory) -> str:
 def reference(config, tmp_path_factory) -> pathlib.Path:
     """The straight run every other run is compared with: 1 process x 8 devices (data=8)."""
     workdir = tmp_path_factory.mktemp("reference")
-    run_to_end(1, 8, "--config", config, "--workdir", str(workdir))
+    run = run_to_end(1, 8, "--config", config, "--workdir", str(workdir))
     assert steps_on_disk(workdir) == ["4", "8"]
+    # Two checkpoint saves, yet no absl INFO line (orbax logs dozens per save): off by default.
+    assert not re.search(r"^\[p0\] I\d{4} ", run.output, re.M), run.output[:3000]
     assert sorted(rows(workdir)) == list(range(1, STEPS + 1))
     return workdir
 
@@ -490,9 +492,11 @@ def test_nonfinite_skip_counts_skipped_steps(config, reference, tmp_path):
 
 def test_checkpoint_of_another_model_is_one_message(config, reference, tmp_path):
     workdir = copy_run(reference, tmp_path / "run", STEPS)
-    run = run_to_end(1, 8, "--config", config, "--workdir", str(workdir), "--config.model.text=S", expect=2)
+    run = run_to_end(1, 8, "--config", config, "--workdir", str(workdir), "--config.model.text=S", "--verbosity=0",
+                     expect=2)
     no_traceback(run)
     assert "compiled the train step" not in run.output
+    assert re.search(r"^\[p0\] I\d{4} .*checkpoint_manager", run.output, re.M), run.tail()  # --verbosity=0: INFO back
     assert f"[p0] ov3: error: checkpoint {workdir / 'checkpoints' / str(STEPS)} does not fit the configured model" \
         in run.output, run.tail()
     mismatches = re.findall(r"^\[p0\]   (params/text/\S+): saved \((\d+(?:, \d+)*)\), expected \((\d+(?:, \d+)*)\)$",

@@ -13,6 +13,7 @@ from ov3.errors import Ov3Error
 from ov3.models.layers import sincos_2d
 from ov3.models.vit import cls_and_sincos
 from ov3.models import vae as vae_lib
+from ov3.models import vae_weights
 from ov3.tools.summary import abstract_task
 from tests.helpers import TINY_VAE, tiny_config
 
@@ -21,7 +22,7 @@ from tests.helpers import TINY_VAE, tiny_config
 def assets(tmp_path_factory):
     """(no dataset: nothing here reads one, tiny VAE architecture)."""
     root = tmp_path_factory.mktemp("assets")
-    vae_lib.save_pretrained(vae_lib.init_random(TINY_VAE, seed=0), root / "vae")
+    vae_weights.save_pretrained(vae_lib.init_random(TINY_VAE, seed=0), root / "vae")
     return root / "no-data", root / "vae"
 
 

@@ -110,3 +110,33 @@ def test_matches_transformers_bert_tokenizer_fast():
     tok = Tokenizer.from_file(os.path.join(d, "vocab.txt"))
     want = hf(SENTENCES, max_length=12, truncation=True, padding="max_length")["input_ids"]
     np.testing.assert_array_equal(tok.encode_batch(SENTENCES, 12), want)
+
+
+def test_tokenizer_command_writes_the_default_file(tmp_path, capsys):
+    """`python -m ov3.data.tokenizer train --data DIR` puts DIR/tokenizer.json where training looks
+    (config.data.tokenizer="" -> <data.path>/tokenizer.json); --from-vocab converts a vocab.txt."""
+    from ov3.data import synthetic
+    from ov3.data import tokenizer as tok_lib
+    from ov3.train import tokenizer_path
+    from tests.helpers import tiny_config
+    data = tmp_path / "data"
+    synthetic.write_dataset(str(data), num_train=48, num_heldout=8, size=16, num_labelled=(0, 0))
+    (data / "tokenizer.json").unlink()   # as a converted folder: no tokenizer yet
+    assert "python -m ov3.data.tokenizer train --data" in tok_lib.describe(str(data))
+
+    assert tok_lib.main(["train", "--data", str(data), "--vocab-size", "120"]) == 0
+    assert f"tokenizer: {data / 'tokenizer.json'} (120 tokens)" in capsys.readouterr().out
+    tok = Tokenizer.from_file(tokenizer_path(tiny_config(data, tmp_path)))
+    texts = list(tok_lib.dataset_texts(str(data)))
+    assert len(texts) == 2 * 48
+    ids = tok.encode_batch(texts[:8], 256)
+    assert not (ids == tok._tok.token_to_id("[UNK]")).any()        # learnt from these very texts
+    assert [tok.decode(row) for row in ids] == [t.lower() for t in texts[:8]]
+
+    assert tok_lib.main(["train", "--data", str(data)]) == 2          # never replaced silently
+    assert "pass --overwrite" in capsys.readouterr().err
+    vocab = _tiny_vocab(tmp_path, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "circle", "##s", ","])
+    assert tok_lib.main(["train", "--data", str(data), "--from-vocab", vocab, "--overwrite"]) == 0
+    from_json, from_txt = Tokenizer.from_file(str(data / "tokenizer.json")), Tokenizer.from_file(vocab)
+    np.testing.assert_array_equal(from_json.encode_batch(SENTENCES + ["A red circles, a Blue"], 12),
+                                  from_txt.encode_batch(SENTENCES + ["A red circles, a Blue"], 12))

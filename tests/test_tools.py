@@ -7,17 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ov3 import perf
+from ov3 import flops, perf
 from ov3.models import vae as vae_lib
+from ov3.models import vae_weights
 from ov3.models.layers import Transformer
-from ov3.tools import bench, flops, summary
+from ov3.tools import bench, summary
 from tests.helpers import TINY_VAE, tiny_config
 
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae")
-    vae_lib.save_pretrained(vae_lib.init_random(TINY_VAE, seed=0), path)
+    vae_weights.save_pretrained(vae_lib.init_random(TINY_VAE, seed=0), path)
     return path
 
 

@@ -14,6 +14,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from ov3.errors import Ov3Error
 from ov3.models import vae as V
+from ov3.models import vae_weights as W
 
 TOL = 1e-4
 
@@ -67,7 +68,7 @@ def saved(request, tmp_path_factory):
 
 def test_encode_decode_parity(saved):
     config, model, folder = saved
-    vae = V.from_pretrained(folder)
+    vae = W.from_pretrained(folder)
     assert vae.config == V.VAEConfig.from_dict(config)
     sf, shift = config["scaling_factor"], config.get("shift_factor") or 0.0
     rng = np.random.RandomState(0)
@@ -101,7 +102,7 @@ def test_encode_decode_parity(saved):
 def test_flux_single_file_layout(tmp_path):
     model = _torch_vae(FLUX_TINY, seed=1)
     state = {k: v.numpy() for k, v in model.state_dict().items()}
-    flux = V.state_dict_to_flux(state, num_levels=2)
+    flux = W.state_dict_to_flux(state, num_levels=2)
 
     # Names as in black-forest-labs/flux src/flux/modules/autoencoder.py (decoder `up` indexed
     # from the highest resolution; attention as 1x1 convs).
@@ -123,14 +124,14 @@ def test_flux_single_file_layout(tmp_path):
         np.testing.assert_array_equal(v.numpy(), state[k], err_msg=k)
 
     path = tmp_path / "ae.safetensors"
-    V.write_safetensors(flux, path)
+    W.write_safetensors(flux, path)
     model.save_pretrained(tmp_path / "diffusers")
-    from_flux, from_diffusers = V.from_pretrained(path), V.from_pretrained(tmp_path / "diffusers")
+    from_flux, from_diffusers = W.from_pretrained(path), W.from_pretrained(tmp_path / "diffusers")
     assert from_flux.config == from_diffusers.config
     same = jax.tree.map(lambda a, b: bool((a == b).all()), from_flux.params, from_diffusers.params)
     assert all(jax.tree.leaves(same))
     # A folder holding ae.safetensors loads too (as in the FLUX.1-dev repository).
-    assert V.from_pretrained(tmp_path).config == from_flux.config
+    assert W.from_pretrained(tmp_path).config == from_flux.config
 
     # The jitted `encode` of the file-loaded VAE: posterior mean x scaling_factor.
     images = np.random.RandomState(5).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
@@ -152,12 +153,12 @@ def test_real_configs_match_diffusers_shapes():
         with torch.device("meta"):
             model = TorchAutoencoderKL(**{k: v for k, v in raw.items() if k != "_class_name"})
         want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        assert V.expected_state_shapes(config) == want
+        assert W.expected_state_shapes(config) == want
     # A FLUX single file implies exactly the FLUX.1-dev config.
     flux = V.VAEConfig.from_dict(V.FLUX1_DEV_CONFIG)
-    shapes = {V.diffusers_to_flux_key(k, 4): V._flux_shape(V.diffusers_to_flux_key(k, 4), s)
-              for k, s in V.expected_state_shapes(flux).items()}
-    assert V._infer_flux_config(shapes, "ae.safetensors") == flux
+    shapes = {W.diffusers_to_flux_key(k, 4): W._flux_shape(W.diffusers_to_flux_key(k, 4), s)
+              for k, s in W.expected_state_shapes(flux).items()}
+    assert W._infer_flux_config(shapes, "ae.safetensors") == flux
     assert sum(int(np.prod(s)) for s in shapes.values()) == 83_819_683
 
 
@@ -165,7 +166,7 @@ def test_decoder_gradient_matches_torch():
     model = _torch_vae(FLUX_TINY, seed=2)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     config = V.VAEConfig.from_dict(FLUX_TINY)
-    params = V.state_dict_to_params(sd, config, "test")
+    params = W.state_dict_to_params(sd, config, "test")
     rng = np.random.RandomState(3)
     latents = rng.randn(1, 8, 8, 16).astype(np.float32)
     weights = rng.randn(1, 16, 16, 3).astype(np.float32)
@@ -187,14 +188,14 @@ def test_decoder_gradient_matches_torch():
 
 def test_save_pretrained_loads_in_diffusers(tmp_path):
     vae = V.init_random(SD_TINY, seed=0)
-    V.save_pretrained(vae, tmp_path / "demo")
+    W.save_pretrained(vae, tmp_path / "demo")
     model = TorchAutoencoderKL.from_pretrained(tmp_path / "demo").eval()
     assert list(model.config.block_out_channels) == SD_TINY["block_out_channels"]
     z = np.random.RandomState(4).randn(1, 4, 4, 4).astype(np.float32)
     with torch.no_grad():
         want = _nhwc(model.decode(_nchw(z / vae.config.scaling_factor)).sample)
     assert _maxdiff(vae.decode(z), want) <= TOL
-    again = V.from_pretrained(tmp_path / "demo")
+    again = W.from_pretrained(tmp_path / "demo")
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()),
                                             vae.params, again.params)))
 
@@ -203,7 +204,7 @@ def test_bf16_file_subfolder_and_bf16_compute(tmp_path):
     # FLUX.1-dev's diffusers weights are stored in bf16; ov3 reads them without torch, as fp32.
     model = _torch_vae(FLUX_TINY).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "repo" / "vae")  # the FLUX.1-dev repository's layout
-    vae = V.from_pretrained(tmp_path / "repo", dtype=jnp.bfloat16)
+    vae = W.from_pretrained(tmp_path / "repo", dtype=jnp.bfloat16)
     want = model.state_dict()["decoder.conv_in.weight"].float().numpy().transpose(2, 3, 1, 0)
     got = vae.params["decoder"]["conv_in"]["kernel"]
     assert got.dtype == jnp.float32
@@ -222,12 +223,12 @@ def _write_folder(folder, config, state):
     folder.mkdir(parents=True, exist_ok=True)
     config = V.VAEConfig.from_dict(config).to_diffusers_dict()
     (folder / "config.json").write_text(json.dumps(config))
-    V.write_safetensors(state, folder / V.WEIGHTS_NAME)
+    W.write_safetensors(state, folder / W.WEIGHTS_NAME)
 
 
 def test_bad_checkpoints_raise_ov3error(tmp_path):
     config = V.VAEConfig.from_dict(SD_TINY)
-    good = {k: np.zeros(s, np.float32) for k, s in V.expected_state_shapes(config).items()}
+    good = {k: np.zeros(s, np.float32) for k, s in W.expected_state_shapes(config).items()}
 
     bad = dict(good)
     del bad["decoder.conv_out.bias"]
@@ -235,29 +236,29 @@ def test_bad_checkpoints_raise_ov3error(tmp_path):
     bad["quant_conv.weight"] = np.zeros((8, 8, 3, 3), np.float32)
     _write_folder(tmp_path / "bad", SD_TINY, bad)
     with pytest.raises(Ov3Error) as e:
-        V.from_pretrained(tmp_path / "bad")
+        W.from_pretrained(tmp_path / "bad")
     msg = str(e.value)
-    assert V.WEIGHTS_NAME in msg and "decoder.conv_out.bias" in msg
+    assert W.WEIGHTS_NAME in msg and "decoder.conv_out.bias" in msg
     assert "encoder.extra.weight" in msg and "quant_conv.weight" in msg and "[8, 8, 3, 3]" in msg
 
     # FLUX layout: problems are named with FLUX's own key names.
-    flux_state = V.state_dict_to_flux(
+    flux_state = W.state_dict_to_flux(
         {k: np.zeros(s, np.float32)
-         for k, s in V.expected_state_shapes(V.VAEConfig.from_dict(FLUX_TINY)).items()}, 2)
+         for k, s in W.expected_state_shapes(V.VAEConfig.from_dict(FLUX_TINY)).items()}, 2)
     del flux_state["decoder.up.1.upsample.conv.bias"]
-    V.write_safetensors(flux_state, tmp_path / "ae.safetensors")
+    W.write_safetensors(flux_state, tmp_path / "ae.safetensors")
     with pytest.raises(Ov3Error, match=r"ae\.safetensors.*decoder\.up\.1\.upsample\.conv\.bias"):
-        V.from_pretrained(tmp_path / "ae.safetensors")
+        W.from_pretrained(tmp_path / "ae.safetensors")
 
     with pytest.raises(Ov3Error, match=r"nowhere.*does not exist.*huggingface-cli"):
-        V.from_pretrained(tmp_path / "nowhere")
+        W.from_pretrained(tmp_path / "nowhere")
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text("{}")
     with pytest.raises(Ov3Error, match=r"noweights/diffusion_pytorch_model\.safetensors is miss"):
-        V.from_pretrained(tmp_path / "noweights")
+        W.from_pretrained(tmp_path / "noweights")
     with pytest.raises(Ov3Error, match=r"not a valid \.safetensors"):
         (tmp_path / "junk.safetensors").write_bytes(b"\x01")
-        V.from_pretrained(tmp_path / "junk.safetensors")
+        W.from_pretrained(tmp_path / "junk.safetensors")
 
 
 def test_bad_configs_raise_ov3error():
@@ -281,13 +282,13 @@ def test_deprecated_attention_names_load(tmp_path):
     config = V.VAEConfig.from_dict(SD_TINY)
     rng = np.random.RandomState(7)
     state = {k: rng.randn(*s).astype(np.float32)
-             for k, s in V.expected_state_shapes(config).items()}
+             for k, s in W.expected_state_shapes(config).items()}
     old = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.")
             .replace(".to_v.", ".value.").replace(".to_out.0.", ".proj_attn."): v
            for k, v in state.items()}
     assert "encoder.mid_block.attentions.0.proj_attn.weight" in old
     _write_folder(tmp_path / "old", SD_TINY, old)
-    loaded = V.params_to_state_dict(V.from_pretrained(tmp_path / "old").params)
+    loaded = W.params_to_state_dict(W.from_pretrained(tmp_path / "old").params)
     assert set(loaded) == set(state)
     for k, v in state.items():
         np.testing.assert_array_equal(loaded[k], v, err_msg=k)

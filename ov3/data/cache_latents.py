@@ -201,14 +201,14 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from ov3.models import vae as vae_lib
+    from ov3.models import vae_weights
 
     if args.image_size % 16:
         raise Ov3Error(f"--image-size {args.image_size} must be divisible by 16 (as "
                        "config.image_size).")
     manifest = records.read_manifest(args.data)
     splits = [s for s in args.splits.split(",") if s] or list(manifest["splits"])
-    vae = vae_lib.from_pretrained(args.vae, getattr(jnp, args.dtype), args.latent_norm)
+    vae = vae_weights.from_pretrained(args.vae, getattr(jnp, args.dtype), args.latent_norm)
     f = vae.config.downsample_factor
     shape = [args.image_size // f, args.image_size // f, vae.config.latent_channels]
     info = {"format": FORMAT, "image_size": args.image_size, "crop": "center",
@@ -255,6 +255,9 @@ def run(args: argparse.Namespace) -> dict:
         skipped = result["splits"][s]["skipped"]
         print(f"  {s}: {result['splits'][s]['num_examples']} examples, "
               f"{result['splits'][s]['num_bytes'] / 1e6:.1f} MB, skipped {skipped or 'none'}")
+    if "classes" not in kept:
+        from ov3.data.tokenizer import describe
+        print(describe(args.out))
     return result
 
 

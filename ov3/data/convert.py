@@ -11,7 +11,7 @@
         --out /data/coco_karpathy --split test
 
 Inputs (see ov3.data.convert_inputs for the details of each format):
-  webdataset   img2dataset tars: KEY.jpg + KEY.txt and/or KEY.json
+  webdataset   img2dataset tars (.tar, .tar.gz): KEY.jpg + KEY.txt and/or KEY.json
   table        JSONL / CSV / TSV / Parquet rows naming local image files (or holding the
                bytes), with Recap-DataComp's columns by default: org_caption → alt_text,
                re_caption → caption
@@ -28,7 +28,9 @@ Parallel: each output shard is written by one worker process from its own inputs
 tar is never split between shards, so there are at most as many shards as tars).
 Resumable: finished shards are kept (ov3.data.resumable); after an interruption, run the
 same command again: finished shards are skipped, unfinished ones redone, nothing is
-written twice. Bad examples are left out and counted by reason (decode.SKIP_REASONS and
+written twice. Several hosts: run the command on each with --host-index i --num-hosts N
+(the same --out, a bucket or a shared folder); each writes every N-th shard, host 0 waits
+for the rest and writes the manifest. Bad examples are left out and counted by reason (decode.SKIP_REASONS and
 convert_inputs.READ_SKIP_REASONS); the manifest and the closing table list the counts.
 Keys are checked for duplicates within an output shard, not across shards.
 """
@@ -46,8 +48,9 @@ from typing import Any
 from tqdm import tqdm
 
 from ov3.data import decode, records, resumable
-from ov3.data.convert_inputs import (TEXTS_FEATURE, Bad, ImageFolder, Karpathy, Stats, Table,
-                                     WebDataset, expand_inputs)
+from ov3.data.convert_inputs import (MAX_MEMBER_BYTES, TAR_PATTERNS, TEXTS_FEATURE, Bad,
+                                     ImageFolder, Karpathy, Stats, Table, WebDataset,
+                                     expand_inputs)
 from ov3.errors import Ov3Error
 
 # Set in each worker by _init_worker (and in this process when workers <= 1).
@@ -104,14 +107,19 @@ def _convert_shard(i: int, task: Any, sink=None) -> int:
                 sources[field][source] = sources[field].get(source, 0) + 1
     tick.flush()
     job.mark_done(i, writer.close(), {"text_sources": sources, "max_texts": max_texts,
-                                      "input_errors": stats.input_errors})
+                                      "input_errors": stats.input_errors,
+                                      "bytes_lost": stats.bytes_lost})
     return i
 
 
 def convert(reader, out: str, split: str, *, num_shards: int, workers: int,
             overwrite: bool = False, name: str = "ov3_converted", description: str = "",
-            max_pixels: int = decode.DEFAULT_MAX_PIXELS, show_progress: bool = True) -> dict:
-    """Writes `split` of `out` from `reader`'s input; returns the manifest."""
+            max_pixels: int = decode.DEFAULT_MAX_PIXELS, show_progress: bool = True,
+            host_index: int = 0, num_hosts: int = 1) -> dict | None:
+    """Writes `split` of `out` from `reader`'s input; returns the manifest.
+
+    With num_hosts > 1 this host writes its share of the shards (ov3.data.resumable);
+    host 0 waits for the others and writes the manifest, the others return None."""
     classes = getattr(reader, "names", None)  # an image-label set
     manifest_path = os.path.join(out, records.MANIFEST)
     if os.path.exists(manifest_path):
@@ -131,12 +139,18 @@ def convert(reader, out: str, split: str, *, num_shards: int, workers: int,
         print(f"note: {len(tasks)} output shards, not {num_shards}: there are only "
               f"{len(tasks)} input {'tars' if reader.unit == 'B' else 'examples'}.")
     job = resumable.ShardedJob(out, split, len(tasks), {**reader.plan(), "max_pixels": max_pixels},
-                               overwrite=overwrite)
+                               overwrite=overwrite, host_index=host_index, num_hosts=num_hosts)
     try:
         t0 = time.time()
         todo = job.pending()
         _write_shards(reader, job, tasks, todo, workers, max_pixels, show_progress)
         written_now = sum(job.done_info(i)["entry"]["num_examples"] for i in todo)
+        if host_index:
+            print(f"host {host_index} of {num_hosts}: its {len(job.mine())} shards of split "
+                  f"{split!r} are written ({written_now} examples this run); host 0 writes the "
+                  "manifest once every host is done.")
+            return None
+        job.wait_for_all()
         entry, shard_stats = job.finalize()
         info = _summary(reader, entry, shard_stats, time.time() - t0, written_now)
         extra: dict[str, Any] = {"source": "ov3.data.convert", "per_split": {split: info}}
@@ -154,30 +168,34 @@ def convert(reader, out: str, split: str, *, num_shards: int, workers: int,
     finally:
         job.release()
     print(report(split, entry, info, out))
+    if classes is None:  # image-text sets are trained on, and training needs a tokenizer
+        from ov3.data.tokenizer import describe
+        print(describe(out))
     return manifest
 
 
 def _write_shards(reader, job: resumable.ShardedJob, tasks: list, todo: list[int],
                   workers: int, max_pixels: int, show_progress: bool) -> None:
     """Writes the shards in `todo`, in this process or a pool, with a progress bar."""
-    if len(todo) < len(tasks):
-        print(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already written")
-    bar = tqdm(total=sum(reader.weight(t) for t in tasks),
-               initial=sum(reader.weight(tasks[i]) for i in range(len(tasks)) if i not in todo),
+    mine = job.mine()  # This host's shards (all of them on one host).
+    if len(todo) < len(mine):
+        print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already written")
+    bar = tqdm(total=sum(reader.weight(tasks[i]) for i in mine),
+               initial=sum(reader.weight(tasks[i]) for i in mine if i not in todo),
                unit=reader.unit, unit_scale=True, desc=f"{job.split}: {len(todo)} shards",
                disable=not show_progress, smoothing=0.05)
     try:
         if workers <= 1 or len(todo) <= 1:
             _init_worker(None, reader, job, max_pixels)
-            for n, i in enumerate(todo, len(tasks) - len(todo) + 1):
+            for n, i in enumerate(todo, len(mine) - len(todo) + 1):
                 _convert_shard(i, tasks[i], sink=bar.update)
-                bar.set_postfix(shards=f"{n}/{len(tasks)}")
+                bar.set_postfix(shards=f"{n}/{len(mine)}")
         else:
             _run_pool(reader, job, tasks, todo, workers, max_pixels, bar)
     except KeyboardInterrupt:
         bar.close()
-        finished = sum(job.is_done(i) for i in range(len(tasks)))
-        print(f"\ninterrupted: {finished} of {len(tasks)} shards finished. Run the same "
+        finished = sum(job.is_done(i) for i in mine)
+        print(f"\ninterrupted: {finished} of {len(mine)} shards finished. Run the same "
               "command again to resume.", file=sys.stderr)
         raise
     bar.close()
@@ -197,10 +215,10 @@ def _run_pool(reader, job, tasks, todo, workers, max_pixels, bar) -> None:
     pool = ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
                     initargs=(queue, reader, job, max_pixels))
     try:
-        finished = len(tasks) - len(todo)
+        finished, mine = len(job.mine()) - len(todo), len(job.mine())
         for _ in pool.imap_unordered(_star, [(i, tasks[i]) for i in todo]):
             finished += 1
-            bar.set_postfix(shards=f"{finished}/{len(tasks)}")
+            bar.set_postfix(shards=f"{finished}/{mine}")
         pool.close()
     except BaseException:
         pool.terminate()
@@ -227,6 +245,7 @@ def _summary(reader, entry: dict, shard_stats: list[dict], seconds: float,
     return {"format": reader.plan()["format"], "num_inputs": len(reader.plan()["inputs"]),
             "examples_read": entry["num_examples"] + sum(entry["skipped"].values()),
             "text_sources": sources, "input_errors": errors,
+            "input_bytes_lost": sum(s.get("bytes_lost", 0) for s in shard_stats),
             "max_texts": max(s.get("max_texts", 0) for s in shard_stats),
             "ignored_files": getattr(reader, "ignored", 0),
             "last_run": {"seconds": round(seconds, 1), "examples_written": written_now}}
@@ -240,6 +259,8 @@ def report(split: str, entry: dict, info: dict, out: str) -> str:
         rows += [(f"{field} from: {src}", n) for src, n in sorted(counts.items())]
     if info["ignored_files"]:
         rows.append(("ignored files (not images)", info["ignored_files"]))
+    if info["input_bytes_lost"]:
+        rows.append(("input bytes lost (broken files)", info["input_bytes_lost"]))
     width = max(len(r[0]) for r in rows)
     run = info["last_run"]
     lines = [f"split {split!r} → {out}: {len(entry['shards'])} shards, "
@@ -276,10 +297,17 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--max-pixels", type=int, default=decode.DEFAULT_MAX_PIXELS,
                         help="larger images are skipped (decompression bombs)")
     common.add_argument("--no-progress", action="store_true")
+    common.add_argument("--host-index", type=int, default=0,
+                        help="this host's index when --num-hosts hosts convert one split")
+    common.add_argument("--num-hosts", type=int, default=1,
+                        help="hosts converting the split at once (each runs this command "
+                             "with its own --host-index; host 0 writes the manifest)")
     w = sub.add_parser("webdataset", parents=[common], help="img2dataset tar shards")
     w.add_argument("--alt-text-from", default="org_caption,txt",
                    help="comma list: .json fields, or 'txt' for KEY.txt; first present wins")
     w.add_argument("--caption-from", default="re_caption,txt", help="same, for the caption")
+    w.add_argument("--max-member-mb", type=int, default=MAX_MEMBER_BYTES >> 20,
+                   help="a larger tar member is skipped unread (counted as image_too_large)")
     t = sub.add_parser("table", parents=[common], help="JSONL/CSV/TSV/Parquet + image files")
     t.add_argument("--image-column", default=",".join(Table.image_columns),
                    help="comma list; the first column the table has is used")
@@ -300,8 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         if args.format == "webdataset":
-            reader = WebDataset(expand_inputs(args.input, ("*.tar",), "tar files"),
-                                _texts(args.alt_text_from), _texts(args.caption_from))
+            reader = WebDataset(expand_inputs(args.input, TAR_PATTERNS, "tar files"),
+                                _texts(args.alt_text_from), _texts(args.caption_from),
+                                max_member_bytes=args.max_member_mb << 20)
             shards = args.shards or len(reader.files)
         elif args.format == "table":
             reader = Table.open(args.input, image_columns=_texts(args.image_column),
@@ -323,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         convert(reader, args.out, args.split, num_shards=max(shards, 1), workers=args.workers,
                 overwrite=args.overwrite, name=args.name or f"ov3_{args.format}",
                 description=f"Converted by ov3.data.convert {args.format}.",
-                max_pixels=args.max_pixels, show_progress=not args.no_progress)
+                max_pixels=args.max_pixels, show_progress=not args.no_progress,
+                host_index=args.host_index, num_hosts=args.num_hosts)
     except Ov3Error as e:
         print(f"ov3: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -13,7 +13,12 @@ Skip reasons found while reading (READ_SKIP_REASONS):
     bad_json        the example's .json (tar) or its JSONL line is not a JSON object
     duplicate_key   the key was already written to this output shard (set by the converter)
     bad_tar         the tar ends early or is damaged: the example being read is lost (the
-                    examples before it are kept; the file is listed under input_errors)
+                    examples before it are kept; the file is listed under input_errors with
+                    the bytes from the lost example's start to the file's end, and
+                    Stats.bytes_lost sums them; compressed tars count compressed bytes, a
+                    few KB low because of tarfile's read-ahead)
+    image_too_large (also a decode.SKIP_REASONS) a tar member larger than max_member_bytes:
+                    skipped in the stream, never read into memory
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import tarfile
 import urllib.parse
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,6 +38,10 @@ from ov3.errors import Ov3Error
 
 READ_SKIP_REASONS = ("missing_image", "missing_text", "bad_json", "duplicate_key", "bad_tar")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+TAR_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
+# A member above this is skipped unread: a web photo is a few MB; max_pixels (64 Mi) of
+# PNG RGB is at most ~200 MB but such images are skipped by the decoder anyway.
+MAX_MEMBER_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
@@ -62,6 +72,7 @@ Tick = Callable[[int], None]
 class Stats:
     """What reading a shard's inputs found besides examples (merged into the manifest)."""
     input_errors: dict[str, str] = dataclasses.field(default_factory=dict)  # file → error
+    bytes_lost: int = 0  # input bytes not read because a file broke (tars: see bad_tar)
 
 
 def expand_inputs(inputs: Sequence[str], patterns: Sequence[str], what: str) -> list[str]:
@@ -100,6 +111,10 @@ def _first(sources: Sequence[str], available: Callable[[str], Any]) -> tuple[str
 class WebDataset:
     """img2dataset-style tars: `KEY.jpg` (or another image extension) + `KEY.txt` / `KEY.json`.
 
+    Tars may be gzip-, bzip2- or xz-compressed (`.tar.gz`, read as one stream like plain
+    ones: `tarfile` mode "r|*"). A member larger than `max_member_bytes` is not read: its
+    example is skipped as `image_too_large`.
+
     alt_text/caption come from the first present source of `alt_text_from`/`caption_from`:
     a field of KEY.json, or `txt` for KEY.txt. img2dataset's .json holds the caption column
     as `caption` plus the columns named in --save_additional_columns; for Recap-DataComp
@@ -110,12 +125,14 @@ class WebDataset:
     files: list[str]
     alt_text_from: tuple[str, ...] = ("org_caption", "txt")
     caption_from: tuple[str, ...] = ("re_caption", "txt")
+    max_member_bytes: int = MAX_MEMBER_BYTES
     unit = "B"
 
     def plan(self) -> dict:
         return {"format": "webdataset", "inputs": [os.path.abspath(f) for f in self.files],
                 "alt_text_from": list(self.alt_text_from),
-                "caption_from": list(self.caption_from)}
+                "caption_from": list(self.caption_from),
+                "max_member_bytes": self.max_member_bytes}
 
     def shard_tasks(self, num_shards: int) -> list[list[str]]:
         # A tar is read by one worker, so there are at most as many shards as tars.
@@ -132,31 +149,46 @@ class WebDataset:
     def _read_tar(self, path: str, tick: Tick, stats: Stats) -> Iterator[Example | Bad]:
         size, reported = os.path.getsize(path), 0
         with open(path, "rb") as fobj:
-            group_key, group = None, {}
+            group_key, group, start = None, {}, 0  # start: file offset of the group's 1st member
             try:
-                # Streaming mode: members in file order, no index built (tars are big).
-                with tarfile.open(fileobj=fobj, mode="r|") as tar:
+                # Streaming mode: members in file order, no index built (tars are big), any
+                # compression; a member we do not read is skipped, not held in memory.
+                with tarfile.open(fileobj=fobj, mode="r|*") as tar:
+                    plain = tar.fileobj.comptype == "tar"
                     for member in tar:
                         if not member.isfile():
                             continue
                         key, ext = _split_name(member.name)
-                        if key != group_key and group_key is not None:
-                            yield self._example(group_key, group)
-                            group = {}
+                        if key != group_key:
+                            if group_key is not None:
+                                yield self._example(group_key, group)
+                            # Where this example starts in the file: exact for plain tars;
+                            # compressed ones are read ahead by up to tarfile's 10 KB buffer.
+                            group, start = {}, member.offset if plain else reported
                         group_key = key
-                        group[ext] = tar.extractfile(member).read()
+                        if member.size > self.max_member_bytes:
+                            group[ext] = _TooLarge(member.size)
+                        else:
+                            group[ext] = tar.extractfile(member).read()
                         pos = fobj.tell()
                         tick(pos - reported)
                         reported = pos
                 if group_key is not None:
                     yield self._example(group_key, group)
-            except (tarfile.TarError, EOFError, OSError) as e:
-                stats.input_errors[path] = f"{type(e).__name__}: {e}"
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                lost = size - start
+                stats.bytes_lost += lost
+                stats.input_errors[path] = (f"{type(e).__name__}: {e}; {lost:,} of {size:,} "
+                                            "bytes lost (from the example being read on)")
                 if group_key is not None:  # The example being read when the tar broke.
                     yield Bad(group_key, "bad_tar", str(e))
         tick(size - reported)
 
     def _example(self, key: str, group: dict[str, bytes]) -> Example | Bad:
+        large = {e: v.size for e, v in group.items() if isinstance(v, _TooLarge)}
+        if large:
+            return Bad(key, "image_too_large", f"members over {self.max_member_bytes:,} "
+                                               f"bytes: {large}")
         image = next((group[e] for e in IMAGE_EXTENSIONS if e in group), None)
         if image is None:
             return Bad(key, "missing_image", f"members: {sorted(group)}")
@@ -182,6 +214,12 @@ class WebDataset:
                 return Bad(key, "missing_text", f"{field}: none of {list(sources)}")
         (alt_source, alt_text), (caption_source, caption) = found
         return Example(key, image, alt_text, caption, sources=(alt_source, caption_source))
+
+
+@dataclasses.dataclass
+class _TooLarge:
+    """Stands for a tar member that was skipped unread."""
+    size: int
 
 
 def _split_name(name: str) -> tuple[str, str]:

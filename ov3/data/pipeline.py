@@ -84,6 +84,7 @@ import dataclasses
 import math
 import os
 import re
+import time
 from typing import Any
 
 import grain
@@ -287,6 +288,21 @@ class Preprocess:
 
 # --- the iterator ------------------------------------------------------------------
 
+class _DelayedSource:
+    """A record source whose every read first waits `latency_s`: a stand-in for a bucket's
+    per-read latency. The wait releases the GIL, as a blocking read in array_record does."""
+
+    def __init__(self, source, latency_s: float):
+        self._source, self._latency = source, latency_s
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index):
+        time.sleep(self._latency)
+        return self._source[index]
+
+
 class _ProcessShare(grain.MapDataset):
     """Block `block` of every group of `count` consecutive blocks of `size` elements:
     this process's rows of every global batch, in order (step 3 of the module docstring)."""
@@ -455,8 +471,11 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
                           global_batch_size: int, image_size: int, split: str,
                           train: bool, seed: int, tokenizer: Tokenizer | None,
                           process_index: int, process_count: int, texts_key: str = "",
-                          max_texts: int = 0, caption_sentence: bool = False) -> BatchIterator:
-    """`make_iterator` with the process explicit (tests simulate several processes)."""
+                          max_texts: int = 0, caption_sentence: bool = False,
+                          read_latency_ms: float = 0) -> BatchIterator:
+    """`make_iterator` with the process explicit (tests simulate several processes).
+    `read_latency_ms` > 0 delays every record read by that much (ov3.tools.bench_data: what
+    a GCS range read costs, to check that the read threads hide it)."""
     source = _get(data_cfg, "source")
     if source not in SOURCES:
         raise Ov3Error(f"config.data.source={source!r} is not supported; use one of {SOURCES} "
@@ -500,7 +519,7 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
 
     if source == "tfds":
         from ov3.data import tfds_source
-        ds = grain.MapDataset.source(tfds_source.TfdsSource(
+        records_source = (tfds_source.TfdsSource(
             path, _get(data_cfg, "tfds_name"), split, image_key=_get(data_cfg, "image_key"),
             text_keys=(_get(data_cfg, "text_key"), _get(data_cfg, "caption_key")),
             label_key=_get(data_cfg, "label_key"), texts_key=texts_key))
@@ -512,7 +531,10 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
             raise Ov3Error(f"config.data.label_key={label_key!r}, but {path} has no such "
                            "int field (image-label sets from python -m ov3.data.convert "
                            "imagefolder have 'label'); set label_key=''.")
-        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
+        records_source = grain.sources.ArrayRecordDataSource(files)
+    if read_latency_ms:
+        records_source = _DelayedSource(records_source, read_latency_ms / 1000)
+    ds = grain.MapDataset.source(records_source)
     num_examples = len(ds)
     if train:
         if num_examples == 0:

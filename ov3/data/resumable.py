@@ -1,15 +1,19 @@
-"""One split written as independent output shards, so that a long job can be resumed.
+"""One split written as independent output shards, so that a long job can be resumed and
+shared by several hosts.
 
     OUT/.work-{split}/plan.json          what is being built; a re-run must ask for the same
     OUT/.work-{split}/{i:05d}/           shard i in progress: records.SplitWriter(..., 1) here
     OUT/.work-{split}/{i:05d}/done.json  shard i finished: its manifest entry and its stats
-    OUT/.work-{split}.lock               held while a job runs: a second one is refused
+    OUT/.work-{split}.{h}.lock           held while host h's job runs: a second one is refused
 
-A re-run skips finished shards and deletes and redoes unfinished ones (a shard is written
-by one worker from its own inputs, so redoing it never duplicates an example). `finalize`
-moves the finished shards to `OUT/{split}-{k:05d}-of-{K:05d}.array_record` (empty ones are
-dropped), returns the split's manifest entry and removes the work folder. Every step is
-atomic or idempotent, so an interruption at any point leaves a state a re-run completes.
+Hosts: with num_hosts = N, host h writes the shards i with i % N == h, and only those: it
+deletes nothing another host writes (leftovers of its own unfinished shards only; --overwrite
+needs N = 1). Host 0 then waits until every shard is done and finalizes. A re-run skips
+finished shards and deletes and redoes unfinished ones (a shard is written by one worker from
+its own inputs, so redoing it never duplicates an example). `finalize` moves the finished
+shards to `OUT/{split}-{k:05d}-of-{K:05d}.array_record` (empty ones are dropped), returns the
+split's manifest entry and removes the work folder. Every step is atomic or idempotent, so an
+interruption at any point leaves a state a re-run completes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import glob
 import json
 import os
 import shutil
+import sys
+import time
 from typing import Any
 
 from ov3.data import records
@@ -30,11 +36,20 @@ class ShardedJob:
     """The resumable state of writing `num_shards` shards of `split` into `out`."""
 
     def __init__(self, out: str, split: str, num_shards: int, plan: dict[str, Any], *,
-                 overwrite: bool = False):
+                 overwrite: bool = False, host_index: int = 0, num_hosts: int = 1):
+        if not 0 <= host_index < num_hosts:
+            raise Ov3Error(f"--host-index {host_index} with --num-hosts {num_hosts}: the "
+                           f"index must be 0..{num_hosts - 1}.")
+        if overwrite and num_hosts > 1:
+            raise Ov3Error("--overwrite with --num-hosts > 1 would delete the other hosts' "
+                           "work: run once with --num-hosts 1 --overwrite (or delete "
+                           f"{os.path.join(out, f'.work-{split}')}) first.")
         self.out, self.split, self.num_shards = out, split, num_shards
+        self.host_index, self.num_hosts = host_index, num_hosts
         self.work = os.path.join(out, f".work-{split}")
         os.makedirs(out, exist_ok=True)
-        self._lock = _lock(self.work + ".lock")  # Before anything is read or deleted.
+        # Before anything is read or deleted.
+        self._lock = _lock(f"{self.work}.{host_index}.lock")
         try:
             self._start(plan, overwrite)
         except BaseException:
@@ -42,7 +57,8 @@ class ShardedJob:
             raise
 
     def _start(self, plan: dict[str, Any], overwrite: bool) -> None:
-        plan = {**plan, "split": self.split, "num_shards": self.num_shards}
+        plan = {**plan, "split": self.split, "num_shards": self.num_shards,
+                "num_hosts": self.num_hosts}
         plan_path = os.path.join(self.work, "plan.json")
         if overwrite and os.path.exists(self.work):
             shutil.rmtree(self.work)
@@ -55,7 +71,7 @@ class ShardedJob:
                     f"{self.work} holds an unfinished job with other settings (differs in: "
                     f"{', '.join(changed)}). Re-run with the same arguments to resume it, or "
                     "pass --overwrite to start this split over.")
-        else:
+        else:  # Hosts starting at once write the same plan; the file is replaced whole.
             os.makedirs(self.work, exist_ok=True)
             records._write_json(plan_path, plan)
 
@@ -68,12 +84,28 @@ class ShardedJob:
     def is_done(self, i: int) -> bool:
         return os.path.exists(os.path.join(self.shard_dir(i), DONE))
 
+    def mine(self) -> list[int]:
+        """The shards this host writes."""
+        return list(range(self.host_index, self.num_shards, self.num_hosts))
+
     def pending(self) -> list[int]:
-        """Shards still to write; the leftovers of interrupted ones are deleted."""
-        todo = [i for i in range(self.num_shards) if not self.is_done(i)]
+        """This host's shards still to write; the leftovers of its interrupted ones are
+        deleted (never another host's)."""
+        todo = [i for i in self.mine() if not self.is_done(i)]
         for i in todo:
             shutil.rmtree(self.shard_dir(i), ignore_errors=True)
         return todo
+
+    def wait_for_all(self, poll_s: float = 2.0) -> None:
+        """Returns once every host's shards are done (host 0 calls this before finalize)."""
+        said = 0.0
+        while missing := [i for i in range(self.num_shards) if not self.is_done(i)]:
+            if time.monotonic() - said > 60:
+                hosts = sorted({i % self.num_hosts for i in missing})
+                print(f"waiting for {len(missing)} shards of hosts {hosts} (run each of them "
+                      "again if it stopped)", file=sys.stderr, flush=True)
+                said = time.monotonic()
+            time.sleep(poll_s)
 
     def writer_args(self, i: int) -> tuple[str, str, int]:
         """(out_dir, split, num_shards) for the SplitWriter of shard i."""

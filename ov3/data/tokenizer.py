@@ -20,14 +20,23 @@ text inside a caption (a literal "[SEP]") becomes that token's id.
 
 Embedding tables can be larger than `vocab_size` (OpenVision pads to 32000); that
 padding is the model's business.
+
+Training reads `<data.path>/tokenizer.json` unless `config.data.tokenizer` names a file. To put
+one in a converted folder:
+
+    python -m ov3.data.tokenizer train --data DIR [--vocab-size 32000]   # learned from DIR's texts
+    python -m ov3.data.tokenizer train --data DIR --from-vocab vocab.txt  # bert-base-uncased's, as OpenVision
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import heapq
+import itertools
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import tokenizers
@@ -263,3 +272,71 @@ def _learn_pieces(word_counts: dict[str, int], budget: int, min_frequency: int) 
             else:
                 pair_counts.pop(p)
     return pieces
+
+
+# ----------------------------------------------------------------------------- CLI
+
+TEXT_FIELDS = ("alt_text", "caption")
+
+
+def dataset_texts(data: str, split: str = "train", max_examples: int = 0) -> Iterator[str]:
+    """The alt-texts and captions of `split` of the ov3 records folder `data`, in shard order
+    (the first `max_examples` examples when > 0)."""
+    import grain
+    from ov3.data import records
+    source = grain.sources.ArrayRecordDataSource(records.split_files(data, split))
+    count = min(len(source), max_examples) if max_examples > 0 else len(source)
+    for i in range(count):
+        fields = records.parse_example(source[i])
+        for name in TEXT_FIELDS:
+            text = fields.get(name, b"").decode("utf-8", "replace").strip()
+            if text:
+                yield text
+
+
+def describe(data: str) -> str:
+    """One line for the end of a converter: the tokenizer training will use, or how to add one."""
+    path = os.path.join(data, "tokenizer.json")
+    if os.path.exists(path):
+        return f"tokenizer: {path} ({Tokenizer.from_file(path).vocab_size} tokens); training uses it by default."
+    return (f"tokenizer: none in {data}; training reads {path} unless config.data.tokenizer names one. "
+            f"Add one: python -m ov3.data.tokenizer train --data {data} --from-vocab vocab.txt "
+            f"(bert-base-uncased's vocab.txt, as OpenVision) or --vocab-size 32000 (learned from the captions).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ov3.data.tokenizer",
+                                description="Write DIR/tokenizer.json for an ov3 records folder.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="learn a WordPiece vocabulary from DIR's texts, or convert a vocab.txt")
+    t.add_argument("--data", required=True, help="ov3 records folder (it gets DIR/tokenizer.json)")
+    t.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size to learn (OpenVision: 32000)")
+    t.add_argument("--from-vocab", default="", help="a BERT vocab.txt to use instead of learning one")
+    t.add_argument("--split", default="train", help="the split whose texts are learnt from")
+    t.add_argument("--max-examples", type=int, default=200_000,
+                   help="learn from the first N examples of the split (0: all; word counting runs "
+                        "in Python, so a whole web-scale split would take hours)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing DIR/tokenizer.json")
+    args = p.parse_args(argv)
+    out = os.path.join(args.data, "tokenizer.json")
+    try:
+        if os.path.exists(out) and not args.overwrite:
+            raise Ov3Error(f"{out} exists (runs trained on {args.data} use it); pass --overwrite to replace it.")
+        if args.from_vocab:
+            Tokenizer.from_file(args.from_vocab).save(args.data)
+        else:
+            texts = dataset_texts(args.data, args.split, args.max_examples)
+            first = list(itertools.islice(texts, 1))
+            if not first:
+                raise Ov3Error(f"split {args.split!r} of {args.data} has no alt-text or caption to learn from; "
+                               "use --from-vocab vocab.txt.")
+            train_wordpiece(itertools.chain(first, texts), args.vocab_size, out)
+    except Ov3Error as e:
+        print(f"ov3: error: {e}", file=sys.stderr)
+        return 2
+    print(describe(args.data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

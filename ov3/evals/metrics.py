@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from ov3.errors import Ov3Error
 
@@ -177,6 +178,10 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
 
 
 # -------------------------------------------------------------- zero-shot, retrieval
+# Ties count against the model (pessimistic): the true item's rank is the number of wrong
+# items scoring >= it, so collapsed embeddings score chance or worse, never 100 %. Scores are
+# taken from one similarity matrix (true and wrong alike), so exact ties stay exact.
+# Non-finite embeddings (a diverged model) give NaN metrics and a warning, not a number.
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -184,10 +189,27 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def _finite(name: str, *arrays: np.ndarray) -> bool:
+    """False (and a warning) if any of the arrays holds a NaN or an infinity."""
+    if all(np.isfinite(np.asarray(a)).all() for a in arrays):
+        return True
+    logging.warning("%s: the embeddings hold NaN or inf values (a diverged model?); "
+                    "reporting NaN.", name)
+    return False
+
+
 @functools.partial(jax.jit, static_argnames=("ks",))
+def _zero_shot_topk(image_emb, class_text_emb, labels, ks, mask):
+    logits = _l2_normalize(image_emb) @ _l2_normalize(class_text_emb).T
+    true = jnp.take_along_axis(logits, labels[:, None], axis=1)
+    rank = (logits >= true).sum(axis=1) - 1  # other classes scoring at least the true one
+    denom = jnp.maximum(mask.sum(), 1.0)
+    return {f"top{k}": ((rank < k) * mask).sum() / denom for k in ks}
+
+
 def zero_shot_topk(image_emb: jax.Array, class_text_emb: jax.Array, labels: jax.Array,
                    ks: Sequence[int] = (1, 5),
-                   mask: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+                   mask: Optional[jax.Array] = None) -> dict[str, float]:
     """Zero-shot top-k accuracy over a batch, by cosine similarity.
 
     Args:
@@ -199,86 +221,102 @@ def zero_shot_topk(image_emb: jax.Array, class_text_emb: jax.Array, labels: jax.
       mask: optional `[B]` bool; False rows (batch padding) are left out.
 
     Returns:
-      `{"top1": acc, "top5": acc, ...}`, fractions in [0, 1] as scalar arrays. A tie
-      with the true class counts as a hit (rank = #classes scoring strictly higher).
+      `{"top1": acc, "top5": acc, ...}`, fractions in [0, 1]. A tie with the true class
+      counts as a miss (rank = #other classes scoring >= it); NaN if an embedding is not
+      finite.
     """
-    logits = _l2_normalize(image_emb) @ _l2_normalize(class_text_emb).T
-    labels = jnp.asarray(labels, jnp.int32)
-    true = jnp.take_along_axis(logits, labels[:, None], axis=1)
-    rank = (logits > true).sum(axis=1)
-    w = jnp.ones(rank.shape, jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
-    denom = jnp.maximum(w.sum(), 1.0)
-    return {f"top{k}": ((rank < k) * w).sum() / denom for k in ks}
-
-
-_l2_normalize_jit = jax.jit(_l2_normalize)
+    w = np.ones(np.shape(labels), np.float32) if mask is None else np.asarray(mask, np.float32)
+    if not _finite("zero_shot_topk", np.asarray(image_emb)[w > 0], class_text_emb):
+        return {f"top{k}": float("nan") for k in ks}
+    acc = _zero_shot_topk(image_emb, class_text_emb, jnp.asarray(labels, jnp.int32), tuple(ks), w)
+    return {k: float(v) for k, v in acc.items()}
 
 
 @jax.jit
-def _true_pair_scores(img, txt, idx):
-    """Score of each caption with its own image `[T]`, and per image the score of its
-    best caption `[I]`."""
-    true_scores = (img[idx] * txt).sum(axis=-1)
-    return true_scores, jax.ops.segment_max(true_scores, idx, num_segments=img.shape[0])
-
-
-@jax.jit
-def _retrieval_ranks_chunk(img, txt, idx, true_scores, best_pos, first_row):
-    """One block of image rows of the similarity matrix: per image, how many of the
-    other images' captions beat its best caption; per caption, how many other images
-    in this block beat its own image. The true pairs are masked out rather than
-    compared, since `true_scores` came from a different float32 reduction than `sim`."""
+def _block_scores(img, txt, img_ids, txt_ids):
+    """One block of image rows: the similarity matrix and which pairs match."""
     # HIGHEST: TPU/GPU default float32 matmuls round to bf16/TF32, enough to reorder near ties.
     sim = jnp.matmul(img, txt.T, precision=jax.lax.Precision.HIGHEST)  # [chunk, T]
-    rows = first_row + jnp.arange(img.shape[0])
-    own = rows[:, None] == idx[None, :]
-    i2t = ((sim > best_pos[:, None]) & ~own).sum(axis=1)
-    t2i = ((sim > true_scores[None, :]) & ~own).sum(axis=0)
-    return i2t, t2i
+    return sim, img_ids[:, None] == txt_ids[None, :]
 
 
-def retrieval_recall(image_emb: jax.Array, text_emb: jax.Array,
-                     text_to_image_index: jax.Array, ks: Sequence[int] = (1, 5, 10),
-                     chunk: int = 1024) -> dict[str, float]:
-    """Image->text and text->image recall@K with several captions per image.
+@jax.jit
+def _best_positive(img, txt, img_ids, txt_ids):
+    """Per text: its best matching image's score in this block (-inf where none)."""
+    sim, pos = _block_scores(img, txt, img_ids, txt_ids)
+    return jnp.where(pos, sim, -jnp.inf).max(axis=0)
+
+
+@jax.jit
+def _block_ranks(img, txt, img_ids, txt_ids, best_t2i):
+    """Per image row: non-matching texts scoring >= its best match; per text: non-matching
+    images of this block scoring >= its best matching image."""
+    sim, pos = _block_scores(img, txt, img_ids, txt_ids)
+    best_i2t = jnp.where(pos, sim, -jnp.inf).max(axis=1)
+    valid = img_ids >= 0  # padding rows have id -1
+    neg = ~pos & valid[:, None]
+    return ((sim >= best_i2t[:, None]) & neg).sum(axis=1), ((sim >= best_t2i[None, :]) & neg).sum(axis=0)
+
+
+def retrieval_recall(image_emb: jax.Array, text_emb: jax.Array, *,
+                     text_to_image: Optional[np.ndarray] = None,
+                     image_to_text: Optional[np.ndarray] = None,
+                     ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
+    """Image->text and text->image recall@K; exactly one of the mappings is given.
 
     Args:
       image_emb: `[I, E]`, one row per image (normalised here).
-      text_emb: `[T, E]`, one row per caption (normalised here).
-      text_to_image_index: `[T]` ints; caption t describes image
-        `text_to_image_index[t]` (Karpathy COCO / Flickr30k: 5 captions per image).
+      text_emb: `[T, E]`, one row per text (normalised here).
+      text_to_image: `[T]` ints; text t describes image `text_to_image[t]` (Karpathy
+        COCO / Flickr30k: 5 captions per image).
+      image_to_text: `[I]` ints; image i's text is `image_to_text[i]` (several images
+        sharing one alt-text, stored once).
       ks: the K of recall@K.
       chunk: image rows per similarity block; bounds memory to `chunk x T` floats.
 
     Returns:
-      `{"i2t_R@1": .., "t2i_R@1": .., ...}` in [0, 1]. Image->text is a hit when any
-      of the image's captions is among the top K texts; text->image when the
-      caption's image is among the top K images. Ties count in favour of the match.
+      `{"i2t_R@1": .., "t2i_R@1": .., ...}` in [0, 1]. Image->text is a hit when the best
+      of the image's texts has fewer than K non-matching texts scoring >= it; text->image
+      likewise over images. NaN if an embedding is not finite.
     """
-    img = _l2_normalize_jit(image_emb)
-    txt = _l2_normalize_jit(text_emb)
-    idx = np.asarray(text_to_image_index).astype(np.int32).reshape(-1)
-    n_img, n_txt = img.shape[0], txt.shape[0]
-    if idx.shape[0] != n_txt:
-        raise Ov3Error(f"retrieval_recall: text_to_image_index has {idx.shape[0]} entries "
-                       f"but there are {n_txt} captions; give one image index per caption.")
-    if idx.min() < 0 or idx.max() >= n_img:
-        raise Ov3Error(f"retrieval_recall: text_to_image_index must lie in [0, {n_img}), "
-                       f"got [{idx.min()}, {idx.max()}]; fix the caption -> image mapping.")
-    if np.unique(idx).size != n_img:
-        raise Ov3Error("retrieval_recall: some images have no caption in "
-                       "text_to_image_index; drop those images or fix the mapping.")
-    idx_j = jnp.asarray(idx)
-    true_scores, best_pos = _true_pair_scores(img, txt, idx_j)
-    i2t_rank, t2i_rank = [], jnp.zeros((n_txt,), jnp.int32)
-    for start in range(0, n_img, chunk):
-        stop = min(start + chunk, n_img)
-        r_i2t, r_t2i = _retrieval_ranks_chunk(img[start:stop], txt, idx_j, true_scores,
-                                              best_pos[start:stop], start)
-        i2t_rank.append(r_i2t)
-        t2i_rank = t2i_rank + r_t2i
-    i2t_rank = np.asarray(jnp.concatenate(i2t_rank))
-    t2i_rank = np.asarray(t2i_rank)
+    n_img, n_txt = np.shape(image_emb)[0], np.shape(text_emb)[0]
+    if (text_to_image is None) == (image_to_text is None):
+        raise ValueError("retrieval_recall: give exactly one of text_to_image, image_to_text")
+    own, other, n_own, n_other, name = ((text_to_image, n_img, n_txt, n_img, "text_to_image")
+                                        if text_to_image is not None else
+                                        (image_to_text, n_txt, n_img, n_txt, "image_to_text"))
+    own = np.asarray(own).astype(np.int32).reshape(-1)
+    if own.shape[0] != n_own:
+        raise Ov3Error(f"retrieval_recall: {name} has {own.shape[0]} entries for {n_own} rows; "
+                       "give one index per row.")
+    if own.min() < 0 or own.max() >= n_other or np.unique(own).size != n_other:
+        raise Ov3Error(f"retrieval_recall: {name} must map onto every index in [0, {n_other}), "
+                       f"got values in [{own.min()}, {own.max()}] covering {np.unique(own).size}; "
+                       "fix the caption <-> image mapping.")
+    if not _finite("retrieval_recall", image_emb, text_emb):
+        return {f"{d}_R@{k}": float("nan") for k in ks for d in ("i2t", "t2i")}
+    # Match ids: image i and text t match when their ids are equal.
+    if text_to_image is not None:
+        img_ids, txt_ids = np.arange(n_img, dtype=np.int32), own
+    else:
+        img_ids, txt_ids = own, np.arange(n_txt, dtype=np.int32)
+    img = np.asarray(_l2_normalize(image_emb))
+    txt = _l2_normalize(text_emb)
+    chunk = min(chunk, n_img)
+    pad = -n_img % chunk  # equal blocks: one compiled program, the same sums in both passes
+    img = np.concatenate([img, np.zeros((pad, img.shape[1]), np.float32)])
+    img_ids = np.concatenate([img_ids, np.full((pad,), -1, np.int32)])
+    blocks = [slice(s, s + chunk) for s in range(0, n_img + pad, chunk)]
+    txt_ids_j = jnp.asarray(txt_ids)
+    best_t2i = np.full((n_txt,), -np.inf, np.float32)
+    for b in blocks:
+        best_t2i = np.maximum(best_t2i, np.asarray(_best_positive(img[b], txt, img_ids[b], txt_ids_j)))
+    i2t_rank, t2i_rank = [], np.zeros((n_txt,), np.int64)
+    for b in blocks:
+        r_i2t, r_t2i = _block_ranks(img[b], txt, img_ids[b], txt_ids_j, best_t2i)
+        i2t_rank.append(np.asarray(r_i2t))
+        t2i_rank += np.asarray(r_t2i)
+    i2t_rank = np.concatenate(i2t_rank)[:n_img]
     out = {}
     for k in ks:
         out[f"i2t_R@{k}"] = float((i2t_rank < k).mean())

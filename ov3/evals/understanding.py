@@ -36,67 +36,9 @@ TEMPLATE_SETS = {"openai": imagenet_classes.OPENAI_TEMPLATES,
 FEATURES = ("pooled", "tokens_mean")
 
 
-# ----------------------------------------------------------------------------- ranking
-
 def _normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _sim(img: jax.Array, txt: jax.Array) -> jax.Array:
-    # HIGHEST: TPU/GPU default float32 matmuls round to bf16/TF32, enough to reorder near ties.
-    return jnp.matmul(img, txt.T, precision=jax.lax.Precision.HIGHEST)
-
-
-@jax.jit
-def _ranks_by_image(img, txt, group):
-    """Per image row: its true text's score and how many texts score strictly higher."""
-    sim = _sim(img, txt)
-    true = jnp.take_along_axis(sim, group[:, None], axis=1)[:, 0]
-    return true, (sim > true[:, None]).sum(axis=1)
-
-
-@jax.jit
-def _ranks_by_text(img, txt, group, valid, best):
-    """Per text: how many images without that text beat the text's best own image."""
-    sim = _sim(img, txt)
-    negative = (group[:, None] != jnp.arange(txt.shape[0])[None, :]) & valid[:, None]
-    return ((sim > best[None, :]) & negative).sum(axis=0)
-
-
-def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, image_text: np.ndarray,
-                ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict[str, float]:
-    """Image->text and text->image recall@K, each image having one true text and each text
-    one or more images (`image_text[i]` = the text of image i; every text has an image).
-
-    Image->text: a hit when the image's text is among the K best texts. Text->image: a
-    hit when any of the text's images is among the K best images. Ties count as hits, as
-    in `metrics.retrieval_recall`, which this equals when texts and images pair 1:1.
-    Image rows go in blocks of `chunk`, bounding memory to chunk x texts floats.
-    """
-    img, txt = _normalize(image_emb), jnp.asarray(_normalize(text_emb))
-    group = np.asarray(image_text, np.int32).reshape(-1)
-    n_img, n_txt = img.shape[0], txt.shape[0]
-    if group.shape[0] != n_img or group.min() < 0 or group.max() >= n_txt or np.unique(group).size != n_txt:
-        raise ValueError(f"recall_at_k: image_text must give each of the {n_img} images a text in "
-                         f"[0, {n_txt}) and each text an image")
-    chunk = min(chunk, n_img)
-    pad = -n_img % chunk  # equal blocks: one compiled program, the same sums in both passes
-    img = np.concatenate([img, np.zeros((pad, img.shape[1]), np.float32)])
-    valid = np.arange(n_img + pad) < n_img
-    group_p = np.concatenate([group, np.zeros((pad,), np.int32)])
-    blocks = [slice(s, s + chunk) for s in range(0, n_img + pad, chunk)]
-    trues, i2t = zip(*(_ranks_by_image(img[b], txt, group_p[b]) for b in blocks))
-    true = np.concatenate([np.asarray(t) for t in trues])[:n_img]
-    i2t_rank = np.concatenate([np.asarray(r) for r in i2t])[:n_img]
-    best = np.full((n_txt,), -np.inf, np.float32)
-    np.maximum.at(best, group, true)
-    t2i_rank = sum(np.asarray(_ranks_by_text(img[b], txt, group_p[b], valid[b], best)) for b in blocks)
-    out = {}
-    for k in ks:
-        out[f"i2t_R@{k}"] = float((i2t_rank < k).mean())
-        out[f"t2i_R@{k}"] = float((t2i_rank < k).mean())
-    return out
 
 
 # ------------------------------------------------------------------------------ labels
@@ -104,7 +46,7 @@ def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, image_text: np.ndar
 class TextLabels:
     """Token-id rows -> class index: the class whose name tokenizes the same, else -1.
     Classes with the same tokens (ImageNet's two "missile"s) map to the first one; their
-    text embeddings are equal too, and `zero_shot_topk` counts the tie as a hit."""
+    text embeddings are equal too, and `zero_shot_topk` counts the tie as a miss."""
 
     def __init__(self, class_rows: np.ndarray):
         self.num_classes = len(class_rows)
@@ -253,7 +195,8 @@ class Retrieval(_Understanding):
         # The same tokens are the same text: embed each distinct one once.
         _, first, group = np.unique(out["ids"], axis=0, return_index=True, return_inverse=True)
         texts = self.embed_texts(params, out["ids"][first])
-        result = recall_at_k(out["pooled"], texts, group.reshape(-1), tuple(self.spec["ks"]))
+        result = metrics_lib.retrieval_recall(out["pooled"], texts, image_to_text=group.reshape(-1),
+                                              ks=tuple(self.spec["ks"]))
         result.update(num_images=float(len(group)), num_texts=float(len(first)))
         return result
 
@@ -265,7 +208,7 @@ class Retrieval(_Understanding):
         rows = np.repeat(np.arange(int(has_text.sum())), counts[has_text])
         ids = np.concatenate([t[:n] for t, n in zip(out["texts"][has_text], counts[has_text])])
         result = metrics_lib.retrieval_recall(out["pooled"][has_text], self.embed_texts(params, ids),
-                                              rows, tuple(self.spec["ks"]))
+                                              text_to_image=rows, ks=tuple(self.spec["ks"]))
         result.update(num_images=float(has_text.sum()), num_texts=float(len(ids)))
         return result
 
@@ -318,7 +261,7 @@ class ZeroShot(_Understanding):
         out = self.labelled(params, frozen, self.split)
         labels = self.labels(out, self.mapping, self.split)
         acc = metrics_lib.zero_shot_topk(out["pooled"], classes, labels, ks=tuple(self.spec["ks"]))
-        return {**{k: float(v) for k, v in acc.items()}, "num_images": float(len(labels))}
+        return {**acc, "num_images": float(len(labels))}
 
 
 @register("linear_probe")

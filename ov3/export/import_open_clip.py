@@ -48,7 +48,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         raise Ov3Error(f"open_clip checkpoint {path} does not exist.")
     if path.suffix == ".safetensors":
         try:
-            from ov3.models.vae import read_safetensors  # numpy reader that also handles bf16
+            from ov3.models.vae_weights import read_safetensors  # numpy reader that also handles bf16
         except ImportError:
             from safetensors.numpy import load_file as read_safetensors
         state = read_safetensors(path)

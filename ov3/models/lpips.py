@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ov3.errors import Ov3Error
-from ov3.models.vae import read_safetensors, write_safetensors
+from ov3.models.vae_weights import read_safetensors, write_safetensors
 
 Array = jax.Array
 PyTree = Any

@@ -85,7 +85,7 @@ def measure(cfg_dict: dict, steps: int, warmup: int) -> dict[str, Any]:
     import jax
     import ml_collections
     from ov3 import perf, sharding, train
-    from ov3.tools import flops
+    from ov3 import flops
 
     cfg = ml_collections.ConfigDict(cfg_dict)
     mesh = sharding.make_mesh(cfg.mesh)

@@ -4,6 +4,7 @@
         --workers 0,2 --threads 1 --batches 20 [--step-time 0.45 --global-batch 8192 --hosts 16]
     python -m ov3.tools.bench_data --make-jpeg 512 --path /tmp/jpeg_bench ...  # photo-like set
     python -m ov3.tools.bench_data --path CACHE --cached-latents --image-size 128 ...
+    python -m ov3.tools.bench_data --path DIR --read-latency-ms 0,30 --repeats 3  # bucket reads
 
 Measures host-side work only (read, decode, crop, tokenise, stack, to float): the batches
 stay numpy (mesh=None). The first batch (worker start-up, file open) is timed separately.
@@ -14,6 +15,11 @@ wall time on a shared machine. With --step-time, the table says whether one host
 with the train step: needed = global batch / hosts / step time images per second, against
 img_per_cpu_s x the cores this process may use (assumes decoding scales over cores, which
 it does with grain workers; leave one or two cores for the train loop).
+
+--read-latency-ms L delays every record read by L ms (a GCS range read costs ~30 ms):
+settings run back to back, `--repeats` times, and each rate is also given as a ratio to
+the 0 ms rate of the same repeat (>= 0.9: the read threads hide the latency). Worker,
+thread and prefetch counts default to the pipeline's (ov3.data.pipeline.default_config).
 
 --make-jpeg N writes N photo-like JPEGs (smooth colour fields + texture, shorter side
 256-768 px, quality 90, captions of ~60 words as Recap-DataComp's) to --path first, when
@@ -63,16 +69,17 @@ def make_jpeg_dataset(out: str, num: int, seed: int = 0) -> None:
 
 
 def bench(path: str, *, image_size: int, batch: int, workers: int, threads: int,
-          batches: int, augment: str, split: str, seed: int = 0,
-          cached_latents: bool = False) -> dict[str, float]:
+          batches: int, augment: str, split: str, seed: int = 0, prefetch: int = 0,
+          cached_latents: bool = False, read_latency_ms: float = 0) -> dict[str, float]:
     """Runs one configuration; returns start-up seconds and throughput after it."""
     cfg = pipeline.default_config()
     cfg.update(path=path, worker_count=workers, read_threads=threads, augment=augment,
-               use_cached_latents=cached_latents)
+               use_cached_latents=cached_latents, prefetch=prefetch or cfg.prefetch)
     t0 = time.perf_counter()
     it = pipeline.make_process_iterator(
         cfg, mesh=None, global_batch_size=batch, image_size=image_size, split=split,
-        train=True, seed=seed, tokenizer=None, process_index=0, process_count=1)
+        train=True, seed=seed, tokenizer=None, process_index=0, process_count=1,
+        read_latency_ms=read_latency_ms)
     next(it)
     first = time.perf_counter() - t0
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -81,6 +88,7 @@ def bench(path: str, *, image_size: int, batch: int, workers: int, threads: int,
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     it.close()
     result = {"image_size": image_size, "workers": workers, "threads": threads,
+              "prefetch": cfg.prefetch, "read_latency_ms": read_latency_ms,
               "first_batch_s": round(first, 3), "images_per_s": round(batches * batch / elapsed, 1)}
     if workers == 0:  # Every decoding thread is in this process: CPU time is the whole cost.
         result["img_per_cpu_s"] = round(batches * batch / cpu, 1)
@@ -108,8 +116,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--image-size", default="128", help="comma-separated sizes to try")
     p.add_argument("--batch", type=int, default=256, help="per-process batch size")
-    p.add_argument("--workers", default="0", help="comma-separated worker counts to try")
-    p.add_argument("--threads", type=int, default=8, help="read threads per process")
+    defaults = pipeline.default_config()
+    p.add_argument("--workers", default=str(defaults.worker_count),
+                   help="comma-separated worker counts to try")
+    p.add_argument("--threads", type=int, default=defaults.read_threads,
+                   help="read threads per process (or per worker)")
+    p.add_argument("--prefetch", type=int, default=defaults.prefetch,
+                   help="examples buffered ahead per process")
+    p.add_argument("--read-latency-ms", default="0",
+                   help="comma-separated per-read delays to try (a GCS range read: ~30)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every setting")
     p.add_argument("--batches", type=int, default=20, help="timed batches per setting")
     p.add_argument("--augment", default="rrc", choices=pipeline.AUGMENTS)
     p.add_argument("--cached-latents", action="store_true",
@@ -124,18 +140,29 @@ def main(argv: list[str] | None = None) -> None:
         make_jpeg_dataset(args.path, args.make_jpeg)
         print(f"wrote {args.make_jpeg} JPEGs to {args.path} in {time.time() - t0:.1f}s")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(json.dumps({"cores": cores, "loadavg": [round(x, 2) for x in os.getloadavg()],
-                      "path": args.path, "batch": args.batch, "threads": args.threads}))
-    for size in (int(s) for s in args.image_size.split(",")):
-        for w in (int(x) for x in args.workers.split(",")):
-            result = bench(args.path, image_size=size, batch=args.batch, workers=w,
-                           threads=args.threads, batches=args.batches,
-                           augment=args.augment, split=args.split,
-                           cached_latents=args.cached_latents)
-            if args.step_time > 0:
-                result.update(keeps_up(result, args.step_time,
-                                       args.global_batch or args.batch, args.hosts, cores))
-            print(json.dumps(result), flush=True)
+    print(json.dumps({"cores": cores, "path": args.path, "batch": args.batch}))
+    latencies = [float(x) for x in args.read_latency_ms.split(",")]
+    for repeat in range(args.repeats):
+        for size in (int(s) for s in args.image_size.split(",")):
+            for w in (int(x) for x in args.workers.split(",")):
+                base = None
+                for latency in latencies:  # back to back: the machine's load is alike
+                    result = bench(args.path, image_size=size, batch=args.batch, workers=w,
+                                   threads=args.threads, prefetch=args.prefetch,
+                                   batches=args.batches, augment=args.augment,
+                                   split=args.split, cached_latents=args.cached_latents,
+                                   read_latency_ms=latency)
+                    result.update(repeat=repeat,
+                                  loadavg=[round(x, 2) for x in os.getloadavg()])
+                    if latency == 0:
+                        base = result["images_per_s"]
+                    elif base:
+                        result["ratio_to_0ms"] = round(result["images_per_s"] / base, 3)
+                    if args.step_time > 0:
+                        result.update(keeps_up(result, args.step_time,
+                                               args.global_batch or args.batch, args.hosts,
+                                               cores))
+                    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

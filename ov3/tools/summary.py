@@ -4,7 +4,7 @@
         [--per_device_batch 32 [--mesh data=1,fsdp=256] [--topology v4:8x8x4]]
 
 1. Parameters per module (encoder, decoder, text, caption, VAE, LPIPS) from an abstract init.
-2. FLOPs of one example per component (`ov3.tools.flops`, analytic), next to XLA's count
+2. FLOPs of one example per component (`ov3.flops`, analytic), next to XLA's count
    (`jit(...).lower(...).cost_analysis()` of each forward at batch 1 on this machine). XLA
    counts a scanned block stack's body once, so its tower numbers add (depth - 1) x one block;
    it also counts elementwise work, so it reads a few percent above the matmul-only count.
@@ -184,7 +184,7 @@ def xla_costs(task: Any, image_size: int, num_texts: int = 1) -> dict[str, float
 
 
 def flop_rows(cfg: Any, task: Any, xla_check: bool) -> list[dict[str, Any]]:
-    from ov3.tools import flops
+    from ov3 import flops
     costs = flops.task_costs(cfg, task)
     xla = xla_costs(task, cfg.image_size, len(cfg.loss.contrastive_texts)) if xla_check else {}
     rows = [{"component": k, "forward": c.forward, "train_factor": c.train_factor, "train": c.train,
