@@ -128,3 +128,13 @@ def test_no_vae_trains_and_encodes_through_inference(assets, tmp_path):
     assert tokens.shape == (2, 16, 64)
     np.testing.assert_allclose(tokens, want_tokens, atol=1e-5)
     np.testing.assert_allclose(pooled, want_pooled, atol=1e-5)
+
+
+def test_config_rejects_a_decoder_patch_and_unknown_texts():
+    from ov3.config import base_config, validate
+    from ov3.errors import Ov3Error
+    cfg = base_config()
+    cfg.model.decoder = "B/2"  # was silently a B/1
+    cfg.loss.contrastive_texts = ("alt_text", "caption")
+    with pytest.raises(Ov3Error, match=r"(?s)contrastive_texts.*model.decoder='B/2'.*use 'B/1'"):
+        validate(cfg)
