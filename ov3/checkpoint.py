@@ -60,6 +60,33 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def resume_step(self, requested: int = -1) -> int | None:
+        """The step to resume from: the latest complete one (`requested` < 0), or `requested`.
+        Steps after `requested` are moved to DIR/discarded_checkpoints/ (not deleted: the user
+        decides), so that the resumed run can save its own steps there."""
+        if requested < 0:
+            return self.latest_step()
+        steps = sorted(self.manager.all_steps())
+        if requested not in steps:
+            raise Ov3Error(f"config.resume_step={requested}: {self.directory} has no complete checkpoint "
+                           f"{requested}; it has {steps or 'none'}.")
+        later = [s for s in steps if s > requested]
+        if later and jax.process_index() == 0:
+            aside = self.directory.parent / "discarded_checkpoints"
+            aside.mkdir(exist_ok=True)
+            for s in later:
+                target = aside / str(s)
+                n = 1
+                while target.exists():  # resumed back past this step before
+                    target, n = aside / f"{s}.{n}", n + 1
+                (self.directory / str(s)).rename(target)
+            print(f"resume_step={requested}: moved the later checkpoints {later} to {aside}", flush=True)
+        if later:
+            from ov3 import sharding
+            sharding.sync_processes("resume_step")  # every process lists the steps after the move
+            self.manager.reload()
+        return requested
+
     def save(self, step: int, state: Any, data_iterator: Any | None, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
@@ -68,11 +95,14 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
         """Restore `step` into `abstract_state` (a pytree of ShapeDtypeStruct with shardings);
-        a checkpoint of another model raises an Ov3Error listing every mismatched parameter."""
-        saved = self.manager.item_metadata(step)["state"]
+        a checkpoint of another model raises an Ov3Error listing every mismatched parameter, a
+        damaged one an Ov3Error naming the step, what failed and the earlier steps to resume from."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds; all mean "unreadable"
+            raise self._damaged(step, e) from e
         if saved is None:
-            raise Ov3Error(f"{self.directory / str(step)} has no readable 'state' item; it is not an ov3 "
-                           "checkpoint or it is damaged. Use another --workdir or remove that step.")
+            raise self._damaged(step, "no readable 'state' item")
         check_compatible(saved, abstract_state, self.directory / str(step))
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         data_dir = self.directory / str(step) / "data"
@@ -80,7 +110,19 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(_IteratorRestore(data_iterator))
         elif data_iterator is not None:  # saved by another number of processes
             data_iterator.set_state(_data_state_for_this_layout(data_dir))
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        except Exception as e:  # noqa: BLE001 - as above
+            raise self._damaged(step, e) from e
+
+    def _damaged(self, step: int, problem: Any) -> Ov3Error:
+        if isinstance(problem, BaseException):
+            lines = str(problem).strip().splitlines() or [""]
+            problem = f"{type(problem).__name__}: {lines[0][:300]}"
+        earlier = [s for s in self.manager.all_steps() if s < step]
+        fix = (f"resume from an earlier one with --config.resume_step={max(earlier)} (complete: {sorted(earlier)})"
+               if earlier else "no earlier checkpoint is here: remove it to start afresh, or use another --workdir")
+        return Ov3Error(f"checkpoint {self.directory / str(step)} is damaged ({problem}); {fix}.")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -24,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    c.resume_step = -1          # -1: resume from the latest checkpoint; N: from checkpoint N (later ones
+                                # are moved to DIR/discarded_checkpoints), e.g. when the latest is damaged
+    c.stop_grace_s = 300        # after SIGTERM: seconds to reach a step boundary and save before exiting unsaved
     c.nonfinite = "stop"        # "stop": end the run at a non-finite loss/grad; "skip": drop that update
     c.recon_grid_every = 0      # write a PNG grid of held-out reconstructions every N steps (0: at the end)
     c.init_from = ""            # new stage: params from this run dir's latest checkpoint (or DIR/checkpoints/STEP),
@@ -49,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.vae = ml_collections.ConfigDict(dict(
         path="",                # diffusers folder (config.json + safetensors) or FLUX ae.safetensors
+        hub_id="",              # its Hugging Face Hub id (e.g. "black-forest-labs/FLUX.1-dev"), named in
+                                # exported model cards; "": the cards name no source (never a local path)
         latent_norm="scale",    # "scale": mean*scaling_factor (released OV3); "scale_shift"
         dtype="float32",
         remat_decoder=False,

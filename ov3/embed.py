@@ -31,8 +31,8 @@ def list_images(folder: Path) -> list[Path]:
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """File -> (size, size, 3) float32 in [-1, 1], like the eval pipeline (raises decode.Skip)."""
-    from ov3.data import decode, pipeline
-    img = pipeline.center_crop(decode.decode_image(path.read_bytes()), size)
+    from ov3.data import decode, shapes
+    img = shapes.center_crop(decode.decode_image(path.read_bytes()), size)
     return np.asarray(img, np.float32) * np.float32(2 / 255) - 1
 
 

@@ -4,6 +4,7 @@
     pooled, tokens = enc.encode_images(images)             # NHWC pixels in [-1, 1]
     pooled, tokens = enc.encode_latents(latents)           # normalised VAE latents, NHWC
     text_emb = enc.encode_text(["a photo of a cat"])
+    latents_hat = enc.decode_tokens(tokens)                # the latent decoder: z_u -> normalised latents
 
 `pooled` (B, E) is the contrastive embedding (not normalised: L2-normalise for cosine
 similarity); `tokens` (B, N, W) are the unified tokens z_u, the last block's patch tokens
@@ -37,6 +38,7 @@ class Encoder:
         self.latent_grid = load.latent_grid(params)
         # Only the towers used here stay in memory (the decoder and caption head can be large).
         self.params = jax.device_put({k: params[k] for k in ("encoder", "text", "logit_scale")})
+        self._host_decoder = params.get("decoder")  # to the device on first decode_tokens
         self.vae_path = vae_path or config.get("vae", {}).get("path", "")
         self.tokenizer_path = tokenizer_path
         model = OV3Model(self.spec)
@@ -69,7 +71,7 @@ class Encoder:
         if images.ndim != 4 or images.shape[1:] != (size, size, 3):
             raise Ov3Error(f"images of shape {tuple(images.shape)}; this encoder takes (B, {size}, {size}, 3) "
                            f"NHWC RGB (the training resolution; centre-crop and resize first, e.g. with "
-                           f"ov3.data.pipeline.center_crop).")
+                           f"ov3.data.shapes.center_crop).")
         lo, hi = float(images.min()), float(images.max())
         if lo < -1.01 or hi > 1.01:
             raise Ov3Error(f"pixel values span [{lo:g}, {hi:g}]; encode_images takes [-1, 1] "
@@ -83,7 +85,25 @@ class Encoder:
         ids = self.tokenizer.encode_batch(list(texts), self.spec.text_len)
         return self._text(self.params, jnp.asarray(ids))
 
+    def decode_tokens(self, tokens: Any) -> jax.Array:
+        """Unified tokens z_u (B, N, W), noisy or not -> normalised VAE latents (B, h, w, C), NHWC:
+        the reconstruction branch's decoder (the frozen VAE decoder turns them into pixels)."""
+        if self._host_decoder is None:
+            raise Ov3Error("this Encoder was built without the decoder's params; use Encoder.from_workdir.")
+        # OV3Model.setup declares logit_scale, so apply needs it beside the decoder's params.
+        params = {"decoder": self._decoder_params, "logit_scale": self.params["logit_scale"]}
+        return self._decode(params, jnp.asarray(tokens, jnp.float32))
+
     # Loaded on first use.
+    @functools.cached_property
+    def _decoder_params(self) -> Any:
+        return jax.device_put(self._host_decoder)
+
+    @functools.cached_property
+    def _decode(self):
+        model = OV3Model(self.spec)
+        return jax.jit(lambda p, t: model.apply({"params": p}, t, method=OV3Model.decode_tokens))
+
     @functools.cached_property
     def vae(self) -> Any:
         from ov3.models import vae as vae_lib

@@ -58,7 +58,11 @@ def main(argv: list[str]) -> None:
     except Ov3Error as e:
         print(f"ov3: error: {e}", file=sys.stderr)
         exit_now(2)
-    except Exception:  # noqa: BLE001 - a bug or a lost peer: the traceback, then out (see exit_now)
+    except Exception as e:  # noqa: BLE001 - a bug or a lost peer: the traceback, then out (see exit_now)
+        message = train.explain_failure(e, _CONFIG.value, _WORKDIR.value)  # device OOM, a full disk
+        if message:
+            print(f"ov3: error: {message}", file=sys.stderr)
+            exit_now(2)
         traceback.print_exc()
         exit_now(1)
     sharding.shutdown_distributed()

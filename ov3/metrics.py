@@ -1,4 +1,6 @@
-"""Where numbers go: DIR/metrics.jsonl (one JSON object per logged step), TensorBoard event
+"""Where numbers go: DIR/metrics.jsonl (one JSON object per logged step and source: the train
+loop and each evaluator round write their own row; a resumed run first drops the rows after
+its checkpoint, so no step is there twice from two runs), TensorBoard event
 files (tensorboardX: no TensorFlow needed), Weights & Biases when `config.log.wandb.project` is
 set, and a console line with rate and ETA. Only process 0 writes."""
 
@@ -78,6 +80,21 @@ def start_wandb(workdir: pathlib.Path, cfg: Any, config: Any = None) -> Any:
     return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or workdir.name,
                       mode=cfg.mode, dir=str(workdir), id=run_id, resume="allow",
                       config=config.to_dict() if config is not None else None)
+
+
+def truncate_jsonl(path: str | pathlib.Path, step: int) -> int:
+    """Drop the rows after `step` (a resumed run logs those steps again); returns how many.
+    So every step of DIR/metrics.jsonl holds the rows of the run that produced the checkpoints."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return 0
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)  # atomic: a crash here leaves the old log, never half of it
+    return len(rows) - len(kept)
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, float]]:

@@ -10,12 +10,15 @@ inside this one program.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
 import platform
 import shutil
 import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -195,15 +198,57 @@ def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT -> finish the current step, save, exit cleanly (preemption)."""
+    """SIGTERM/SIGINT -> finish the current step, save, exit cleanly (preemption).
 
-    def __init__(self):
+    The loop reads the flag between steps. Where the run cannot get there, a watcher thread,
+    woken by the signal itself (the main thread may be inside XLA or a collective, where no
+    Python handler runs), ends the process with one line saying where it waited: at once before
+    the first step (reading data, restoring, compiling: nothing to save yet), else after
+    `grace_s` without reaching a step boundary (a collective whose peer died, a hung read)."""
+
+    def __init__(self, grace_s: float):
         self.requested = False
+        self.where = "starting"   # what the main thread is doing, for the exit line
+        self.stepping = False     # the loop runs: it acts on the flag itself
+        self._grace_s = grace_s
+        self._closed = False
+        read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous = [signal.set_wakeup_fd(self._write)]
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous.append((sig, signal.signal(sig, self._handle)))
+        threading.Thread(target=self._watch, args=(read,), daemon=True, name="ov3-stop-watcher").start()
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         self.requested = True
+
+    def _watch(self, read: int) -> None:
+        while True:
+            got = os.read(read, 1)
+            if not got:  # closed: the run is over
+                os.close(read)
+                return
+            if got[0] in (signal.SIGTERM, signal.SIGINT):
+                break
+        self.requested = True
+        if self.stepping:
+            time.sleep(self._grace_s)
+            if self._closed:  # the loop saved and returned in time
+                return
+            why = f"no step boundary reached within stop_grace_s={self._grace_s:g} s (waiting in {self.where})"
+        else:
+            why = f"while {self.where}, before the first step: nothing to save"
+        print(f"ov3: stop requested {why}; exiting. The last complete checkpoint stays.",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGTERM)
+
+    def close(self) -> None:
+        """Restore the previous handlers; the watcher ends."""
+        self._closed = True
+        signal.set_wakeup_fd(self._previous[0])
+        for sig, handler in self._previous[1:]:
+            signal.signal(sig, handler)
+        os.close(self._write)
 
     def agreed(self) -> bool:
         """True on every process as soon as any process got the signal."""
@@ -213,15 +258,23 @@ class StopSignal:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
-def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any, trainer: Trainer) -> None:
-    """DIR/config.json, DIR/tokenizer.json, and DIR/parameters.txt: every trainable tensor with
-    its shape, size and mesh axes (clu's parameter overview, as the Flax examples log it)."""
+def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any, trainer: Trainer,
+                step: int) -> None:
+    """DIR/config.json (and DIR/config.<step>.json, the history: one per start or resume),
+    DIR/tokenizer.json, and DIR/parameters.txt: every trainable tensor with its shape, size and
+    mesh axes (clu's parameter overview, as the Flax examples log it). Called once the
+    checkpoint restored (or on a fresh start): a refused resume leaves the files as they were."""
     if jax.process_index() != 0:
         return
     from clu import parameter_overview
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    text = cfg.to_json_best_effort(indent=2)
+    (workdir / f"config.{step}.json").write_text(text)
+    (workdir / "config.json").write_text(text)
     if tokenizer is not None:
         shutil.copyfile(tokenizer_path(cfg), workdir / "tokenizer.json")
+    # The VAE's facts (scaling factor, channels, down-sampling) travel with the run: export reads
+    # them here, wherever the VAE folder is by then.
+    (workdir / "vae_config.json").write_text(json.dumps(trainer.task.vae.config.to_diffusers_dict(), indent=2))
     params = trainer.abstract_state.params
     table = parameter_overview.get_parameter_overview(params, include_stats="sharding")
     (workdir / "parameters.txt").write_text(table + "\n")
@@ -251,9 +304,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     config_lib.validate(cfg)
     workdir = prepare_workdir(workdir)
     sharding.maybe_initialize_distributed()
-    stop = StopSignal()  # after jax.distributed (which installs its own SIGTERM handler), before the slow parts
+    # After jax.distributed (which installs its own SIGTERM handler), before the slow parts.
+    stop = StopSignal(cfg.stop_grace_s)
+    stop.where = "building the model, the evaluators and the input pipeline"
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.batch_size, mesh)
+    if cfg.data.use_cached_latents:  # latents of another VAE would train against this VAE's decoder
+        from ov3.data import shapes
+        shapes.check_vae(cfg.data.path, cfg.vae.path, cfg.vae.latent_norm)
     task, tokenizer = build_task(cfg)
     trainer = Trainer(cfg, mesh, task)
     from ov3.evals import evaluators  # config.evals, built (weights loaded, splits checked) before compiling
@@ -264,9 +322,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
                                   caption_sentence="caption_sentence" in cfg.loss.get("contrastive_texts", ()))
     ckpt_lib.check_free_space(workdir, trainer.abstract_state, cfg.keep_checkpoints)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
-    save_config(cfg, workdir, tokenizer, trainer)
 
-    start = checkpointer.latest_step()
+    start = checkpointer.resume_step(cfg.resume_step)
+    stop.where = "initialising" if start is None else f"restoring checkpoint {start}"
     if start is None:
         state, start = trainer.init_state(), 0
         if cfg.init_from:  # a new stage: params from another run, fresh optimizer (ov3/stages.py)
@@ -275,15 +333,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     else:
         state = checkpointer.restore(start, trainer.abstract_state, data)
         print(f"resumed from {checkpointer.directory / str(start)}", flush=True)
+    save_config(cfg, workdir, tokenizer, trainer, start)
     frozen = trainer.put_frozen(task.frozen_params())
+    if jax.process_index() == 0:  # the steps after the checkpoint are logged again by this run
+        metrics_lib.truncate_jsonl(workdir / "metrics.jsonl", start)
     writer = metrics_lib.MetricWriter(workdir, cfg.log, cfg)
 
+    stop.where = "reading the first batch"
     batch = next(data)
+    stop.where = "compiling the train step"
     t_compile = time.time()
     compiled = trainer.compile(state, frozen, batch)
     print(f"compiled the train step in {time.time() - t_compile:.1f}s; "
           f"memory per device: {describe_memory(compiled)}", flush=True)
+    stop.where = "waiting for the other processes to compile"
     sharding.sync_processes("compiled")  # processes start stepping together
+    stop.stepping = True
     # Analytic model FLOPs (not compiled.cost_analysis(): it counts a scanned block stack once).
     step_flops = flops_lib.train_flops_per_example(
         flops_lib.task_costs(cfg, task, cached_latents="latent" in batch)) * cfg.batch_size
@@ -295,6 +360,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     window_start, window_steps = time.time(), 0
     step = start
     while step < cfg.total_steps:
+        stop.where = f"step {step + 1}"
         with trainer.context():
             state, metrics = compiled(state, frozen, batch)
         step += 1
@@ -317,16 +383,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
                 print(progress.line(step, values, values["images_per_s"]), flush=True)
             last_logged = values
             window_start, window_steps = time.time(), 0
-        # Evaluators due now (every N steps, all after the last); their time is not step time.
-        window_start += evals.run_due(step, state.params, frozen, writer)
+        stop.where = f"agreeing with the other processes on a stop after step {step}"
         preempted = stop.agreed()
-        # Save before fetching the next batch: the saved data position is the batch of step+1.
+        # Save before fetching the next batch (the saved data position is the batch of step+1),
+        # and before evaluating: an evaluator that fails (OOM in a full-batch probe) loses no step.
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or preempted:
             checkpointer.save(step, state, data, force=True)
-        if preempted:
+        if preempted:  # a preempted step skips its evaluators: the grace period is for saving
             print(f"stop requested: saved step {step}, exiting", flush=True)
             break
+        # Evaluators due now (every N steps, all after the last); their time is not step time.
+        stop.where = f"evaluating at step {step}"
+        try:
+            window_start += evals.run_due(step, state.params, frozen, writer)
+        except BaseException:
+            checkpointer.wait()  # the save issued above completes before the error ends the run
+            raise
         if step < cfg.total_steps:
+            stop.where = f"reading the batch of step {step + 1}"
             batch = next(data)
     checkpointer.wait()
     if step == cfg.total_steps:
@@ -340,7 +414,37 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
             print(f"wrote the fitted VAE to {task.save_vae(state.params, held_out['image'], workdir / 'vae')}")
     checkpointer.close()
     writer.close()
+    stop.close()
     return last_logged
+
+
+def explain_failure(error: BaseException, cfg: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """One line for the failures a user can fix that arrive as library exceptions, else None:
+    out of device memory (XLA's RESOURCE_EXHAUSTED, at compile or run time) and a full disk."""
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        lines = str(e).strip().splitlines() or [""]
+        if "RESOURCE_EXHAUSTED" in str(e):
+            first = next(line for line in lines if "RESOURCE_EXHAUSTED" in line).strip()[:200]
+            batch_devices = max(jax.device_count() // max(int(cfg.mesh.tensor), 1), 1)
+            remat = (f"vae.remat_decoder={cfg.vae.remat_decoder}" if cfg.task == "vae"
+                     else f"model.remat={cfg.model.remat!r}")
+            return (f"out of device memory ({first}) with batch_size={cfg.batch_size} "
+                    f"({cfg.batch_size / batch_devices:g} per device over {batch_devices} batch-sharded devices) "
+                    f"and {remat}: lower config.batch_size, set config.model.remat='full' (or 'dots'; "
+                    "config.vae.remat_decoder=True for task='vae'), split the state with config.mesh.fsdp, "
+                    "or add devices.")
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            steps = sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").glob("*")
+                           if p.name.isdigit())
+            kept = (f"the last complete checkpoint, step {steps[-1]}, stays: free space there and run the same "
+                    "command to resume from it" if steps else "no checkpoint was complete yet: free space and "
+                    "start again")
+            return f"disk full while writing to {workdir} ({lines[0].strip()[:200]}); {kept}."
+    return None
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -4,7 +4,7 @@ which is the pipeline's own centre crop; the pipeline yields them; misuse is an 
 import numpy as np
 import pytest
 
-from ov3.data import cache_latents, pipeline, records
+from ov3.data import cache_latents, pipeline, records, shapes
 from ov3.errors import Ov3Error
 from ov3.models import vae_weights
 from tests.helpers import make_assets
@@ -38,10 +38,38 @@ def test_manifest(cache):
         assert len(m["splits"][split]["shards"]) == len(src["splits"][split]["shards"])
     info = m["latent_cache"]
     assert info["latent_shape"] == [8, 8, 16] and info["image_size"] == SIZE
-    assert info["vae_sha256"] == cache_latents.vae_fingerprint(vae)
-    cache_latents.check_vae(out, vae, "scale")
-    with pytest.raises(Ov3Error, match="made with the VAE"):
-        cache_latents.check_vae(out, vae, "scale_shift")
+    assert info["vae_sha256"] == shapes.vae_fingerprint(vae)
+    shapes.check_vae(out, vae, "scale")
+
+
+def test_training_refuses_a_cache_of_another_vae_setting(cache):
+    """Checked at start, before the VAE loads or anything compiles."""
+    from ov3 import train
+    from tests.helpers import tiny_config
+    data, vae, out = cache
+    cfg = tiny_config(data, vae, **{"data.path": out, "data.use_cached_latents": True,
+                                    "vae.latent_norm": "scale_shift"})
+    with pytest.raises(Ov3Error, match=r"made with the VAE .* \(latent_norm='scale'\), not config.vae.path"):
+        train.train(cfg, out + "_run")
+
+
+def test_karpathy_captions_survive_caching(tmp_path):
+    """The list of captions an image (retrieval's texts) is kept, and declared for TFDS."""
+    import json
+
+    from ov3.data import convert
+    from tests.helpers import write_karpathy
+    data, vae = make_assets(tmp_path)
+    path = write_karpathy(tmp_path / "coco", [["a red", "a blue", "two"], ["one"]], ["test", "test"])
+    src, out = tmp_path / "karpathy", tmp_path / "karpathy_latents"
+    convert.main(["karpathy", "--input", str(path), "--root", str(tmp_path / "coco"), "--out", str(src),
+                  "--split", "test", "--workers", "1", "--no-progress"])
+    cache_latents.main(["--data", str(src), "--vae", str(vae), "--image-size", str(SIZE), "--out", str(out)])
+    got = [records.parse_features(r) for r in
+           pipeline.grain.sources.ArrayRecordDataSource(records.split_files(str(out), "test"))]
+    assert sorted(tuple(f["captions"]) for f in got) == [(b"a red", b"a blue", b"two"), (b"one",)]
+    assert records.read_manifest(str(out))["texts_key"] == "captions"
+    assert "captions" in json.loads((out / "features.json").read_text())["featuresDict"]["features"]
 
 
 def test_cached_batch_latent_is_the_vae_encoding_of_its_image(cache):

@@ -43,8 +43,9 @@ def _tar(path, members, mode="w"):
 
 def _records(out, split="train"):
     src = grain.sources.ArrayRecordDataSource(records.split_files(out, split))
-    return [(records.parse_example(src[i]), records.parse_ints(src[i]))
-            for i in range(len(src))]
+    parsed = [records.parse_features(src[i]) for i in range(len(src))]
+    return [({k: v[0] for k, v in f.items() if isinstance(v[0], bytes)},
+             {k: v[0] for k, v in f.items() if isinstance(v[0], int)}) for f in parsed]
 
 
 def _batches(out, split, **kw):
@@ -370,7 +371,7 @@ def test_karpathy_split_file_to_records_tfds_and_batches(tmp_path):
     src = grain.sources.ArrayRecordDataSource(records.split_files(out, "test"))
     stored = {}
     for i in range(len(src)):
-        lists = records.parse_bytes_lists(src[i])
+        lists = records.parse_features(src[i])
         stored[lists["key"][0].decode()] = lists
     want = {f"val2014/COCO_val2014_{i:012d}.jpg": [c for c in captions[i] if c.strip()] for i in (0, 1)}
     assert {k: [c.decode() for c in v["captions"]] for k, v in stored.items()} == want

@@ -244,6 +244,24 @@ def test_config_errors(shapes):
         _it(_cfg(shapes, source="webdataset"))
 
 
+def test_a_run_that_cannot_progress_stops_with_the_counts(shapes):
+    """A misspelt key fails when the iterator is made (before any compile); a filter that drops
+    everything (min_side above every image) fails after the first SKIP_WINDOW/2 examples,
+    where it used to pull the next example forever."""
+    with pytest.raises(Ov3Error, match=r"config.data.text_key='alttext': the records of .* have no such "
+                                       r"field; they hold \['alt_text', 'caption', 'image', 'key'\]"):
+        _it(_cfg(shapes, text_key="alttext"))
+    it = _it(_cfg(shapes, min_side=SIZE + 1))
+    half = pipeline.SKIP_WINDOW // 2
+    with pytest.raises(Ov3Error, match=rf"skipped {half + 1} of the first {half + 1} examples "
+                                       rf"\(image_too_small: {half + 1}\); more than config.data.max_skip_fraction=0.5"):
+        next(it)
+    it = _it(_cfg(shapes, min_side=SIZE + 1))  # past the first examples (resumed): SKIP_WINDOW in a row
+    it.set_state({"consumed": 2000, "batches": 250, "skipped": {}})
+    with pytest.raises(Ov3Error, match=rf"skipped {pipeline.SKIP_WINDOW} examples in a row \(at stream position 3000\)"):
+        next(it)
+
+
 def test_read_latency_delays_every_read_and_changes_no_batch(shapes, capsys):
     """bench_data's bucket stand-in: with read_latency_ms every record read waits first;
     the batches are the ones without it. bench_data runs both settings back to back."""

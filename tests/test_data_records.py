@@ -39,6 +39,21 @@ def test_example_codec_round_trip_and_protobuf_compatible():
         records.parse_example(raw[:-5])
 
 
+def test_unpacked_int64_list_is_read():
+    """Other writers (proto2 code, hand-rolled encoders) store int64 lists unpacked: a tag and a
+    varint per value. Both encodings are valid protobuf; the label reads either way."""
+    def ld(field: int, payload: bytes) -> bytes:  # a length-delimited field (payloads < 128 bytes)
+        return bytes([field << 3 | 2, len(payload)]) + payload
+    unpacked_list = bytes([1 << 3 | 0, 7, 1 << 3 | 0, 9])  # Int64List{value: 7, value: 9}, unpacked
+    feature = ld(3, unpacked_list)  # Feature.int64_list
+    raw = ld(1, ld(1, ld(1, b"label") + ld(2, feature)) + ld(1, ld(1, b"key") + ld(2, ld(1, ld(1, b"k")))))
+    from tensorflow_datasets.proto import tf_example_pb2 as pb
+    assert list(pb.Example.FromString(raw).features.feature["label"].int64_list.value) == [7, 9]
+    assert records.parse_features(raw) == {"label": [7, 9], "key": [b"k"]}
+    assert records.parse_features(records.serialize_example({"key": "k", "label": [7, 9]})) == \
+        records.parse_features(raw)  # what ov3 writes (packed) reads the same
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ds"))

@@ -322,3 +322,25 @@ def test_errors_found_when_built(assets):
     cfg.evals.x = dict(type="zero_shot", classnames=CLASSES)  # the shapes set has no class names
     with pytest.raises(Ov3Error, match=r"config.evals.x.classnames: 16 of 16 examples .* no class name"):
         fake_evaluators(cfg, fake_fns(tok, 16, True), tok).run(None, None)
+
+
+def test_eval_skip_counts_are_reported(assets, tmp_path):
+    """An eval split with a corrupt image: the evaluator scores the rest and says how many it
+    could not use (logged as eval/<name>/skipped/<reason>)."""
+    import io
+
+    data, vae, _ = assets
+    tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+    out = tmp_path / "dirty"
+    writer = records.SplitWriter(str(out), "heldout", 1, validate=False)
+    for i, word in enumerate(["red", "blue", "yellow", "orange", "circle", "square", "red circle"]):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(buf, format="PNG")
+        writer.write(f"k{i}", buf.getvalue(), word, word)
+    writer.write("bad", b"not an image", "red", "red")
+    records.write_metadata(str(out), {"heldout": writer.close()})
+    shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
+    cfg = tiny_config(data, vae)
+    cfg.evals.ret = dict(type="retrieval", data_path=str(out), batch_size=8, ks=[1])
+    got = fake_evaluators(cfg, fake_fns(tok, cfg.data.text_len, image_from_text=True), tok).run(None, None)["ret"]
+    assert got["num_images"] == 7 and got["skipped/corrupt_image"] == 1 and got["skipped/empty_text"] == 0

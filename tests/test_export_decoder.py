@@ -58,11 +58,11 @@ def test_decoder_feeds_diffusers_vae_and_needs_no_ov3(setup, tmp_path):
     work = testing.write_workdir(tmp_path / "run", testing.tiny_config(), setup["perturbed"])
     out = tmp_path / "export"
     assert export_main(["--workdir", str(work), "--out", str(out), "--format", "decoder"]) == 0
-    # The exported module imports only the standard library, torch and safetensors.
+    # The exported module imports only the standard library, torch and huggingface_hub.
     tree = ast.parse((out / decoder.MODULE_NAME).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"__future__", "json", "pathlib", "safetensors", "torch"}, imported
+    assert imported <= {"__future__", "typing", "huggingface_hub", "torch"}, imported
     module = _import_file(out / decoder.MODULE_NAME)
     model = module.LatentDecoder.from_pretrained(out)
     vae = diffusers.AutoencoderKL(latent_channels=16, block_out_channels=(8, 8, 8, 8), norm_num_groups=4,

@@ -3,6 +3,8 @@ AutoModel* from the exported folders (no custom code) against the Flax model."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -95,7 +97,7 @@ def test_hf_cli_tokenizer_and_card(setup, tmp_path):
     assert (cfg["num_channels"], cfg["image_size"], cfg["patch_size"], cfg["layer_norm_eps"]) == (16, 8, 2, 1e-6)
 
 
-def test_trained_checkpoint_runs_as_the_readme_llava_recipe(tmp_path):
+def test_trained_checkpoint_runs_as_the_readme_llava_recipe(tmp_path, monkeypatch):
     """4 real steps of ov3.train, exported by the CLI. The README's LLaVA tower (diffusers VAE:
     posterior mean x scaling_factor -> ViTModel tokens), its pooled-embedding recipe and
     SiglipTextModel with the exported tokenizer reproduce ov3.inference.Encoder on images and texts."""
@@ -106,7 +108,16 @@ def test_trained_checkpoint_runs_as_the_readme_llava_recipe(tmp_path):
     data, vae_dir = make_assets(tmp_path)
     work, out = tmp_path / "run", tmp_path / "export"
     train.train(tiny_config(data, vae_dir), work)
+    # Export elsewhere, where the VAE folder cannot be read: the facts come from the workdir.
+    vae_dir.rename(tmp_path / "vae_elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert export_main(["--workdir", str(work), "--out", str(out), "--format", "hf"]) == 0
+    (tmp_path / "vae_elsewhere").rename(vae_dir)
+    want = json.loads((vae_dir / "config.json").read_text())["scaling_factor"]
+    assert json.loads((out / "vae_config.json").read_text())["scaling_factor"] == want != 0.3611
+    card = (out / "README.md").read_text()
+    assert f"posterior.mean * {want}" in card and str(tmp_path) not in card, card
 
     enc = Encoder.from_workdir(work)
     images = np.random.default_rng(0).uniform(-1, 1, (3, enc.image_size, enc.image_size, 3)).astype(np.float32)

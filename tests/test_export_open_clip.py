@@ -176,6 +176,11 @@ def test_cli_from_workdir_and_tokenizer(setup, loader, tmp_path):
     # Same weights as exporting the params directly.
     model = loader.load(out)
     assert torch.equal(model.visual.proj, torch.from_numpy(setup["perturbed"]["encoder"]["proj"]["kernel"]))
+    # What the card warns about: open_clip's own loader (hf-hub: / local-dir: read the same
+    # files) builds a 3-channel stem, and these 16-channel weights do not load into it.
+    assert 'Not `open_clip.create_model("hf-hub:ORG/NAME")`' in card
+    with pytest.raises(RuntimeError, match=r"visual\.conv1\.weight"):
+        loader.open_clip.create_model(f"local-dir:{out}")
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -276,3 +281,16 @@ def test_import_mismatch_lists_every_shape(setup, open_clip, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         import_open_clip.from_state_dict(sd, testing.tiny_spec(), testing.GRID)
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path):
+    """A .pth cut short by an interrupted download, and a .safetensors that is not one."""
+    torch.save({"visual.proj": torch.zeros(4, 4)}, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    for name in ("cut.pth", "bad.safetensors"):
+        with pytest.raises(Ov3Error, match=rf"^open_clip checkpoint {tmp_path / name} cannot be read \(\w+: .*\); "
+                                           "download it again") as e:
+            import_open_clip.read_state_dict(tmp_path / name)
+        assert "\n" not in str(e.value)

@@ -553,3 +553,57 @@ def test_coordinator_that_never_comes_up_times_out_naming_it(config, tmp_path):
     assert (f"ov3: error: process 1 of 2 could not join the JAX coordinator at {address} within 3s "
             "(JAX_INIT_TIMEOUT_S)") in run.output, run.tail()
     print(f"\ncoordinator never up: exit 2 after {time.time() - t0:.0f}s (timeout 3 s)")
+
+
+# ----------------------------------------------------------------------------- 7. chaos
+
+CHAOS_SEED = 16
+CHAOS_FAULTS = (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM)
+
+
+def test_chaos_random_kills_and_stops_end_where_a_straight_run_does(config, reference, tmp_path):
+    """A 2 x 4 run hit by SIGKILLs and SIGTERMs of a random process at a random moment (while
+    starting, compiling, stepping or saving; seeded), restarted after each: it ends with the
+    straight 1 x 8 run's losses and params, every step logged once."""
+    import random
+    rng = random.Random(CHAOS_SEED)
+    faults = list(CHAOS_FAULTS)
+    rng.shuffle(faults)
+    workdir = tmp_path / "run"
+    args = ("--config", config, "--workdir", str(workdir), "--config.checkpoint_every=2",
+            "--config.stop_grace_s=5")
+    env = {"OV3_KILL_GRACE_S": "3"}
+    moments = [r"^\[launch\] p1 pid", r"^\[p0\] compiled the train step"] + [rf"^\[p0\] step {k}/" for k in range(1, STEPS)]
+    stepped, restarts, outcomes = 0, 0, []
+    t0 = time.time()
+    while True:
+        fault = faults.pop() if faults else None
+        with started(launch_cmd(2, 4, *args), env) as run:
+            if fault is not None:
+                victim, moment, jitter = rng.randrange(2), rng.choice(moments), rng.uniform(0, 1.0)
+                pid = run.pid(victim)
+                try:
+                    run.wait_for(moment, 120)
+                    time.sleep(jitter)
+                    os.kill(pid, fault)
+                    hit = f"{signal.Signals(fault).name} p{victim} at {moment.split('] ')[-1]}+{jitter:.1f}s"
+                except (AssertionError, ProcessLookupError):  # the run ended before that moment
+                    hit = f"{signal.Signals(fault).name} p{victim}: run ended before {moment.split('] ')[-1]}"
+            rc = run.finish()
+        stepped += len(re.findall(r"^\[p0\] step \d+/", run.output, re.M))
+        assert "Traceback" not in run.output or fault == signal.SIGKILL, run.tail()
+        if fault is None:
+            assert rc == 0, run.tail()
+            break
+        outcomes.append(f"{hit} -> exit {rc}")
+        restarts += 1
+    table = rows(workdir)  # unique: the log was cut back to the checkpoint at each restart
+    assert sorted(table) == list(range(1, STEPS + 1))
+    diff = assert_same_losses(table, rows(reference), range(1, STEPS + 1))
+    got, ref = saved_state(workdir, STEPS), saved_state(reference, STEPS)
+    worst = max(float(np.max(np.abs(got[k] - ref[k]))) for k in ref)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    print(f"\nchaos: {len(CHAOS_FAULTS)} faults ({', '.join(outcomes)}), {restarts} restarts, "
+          f"{stepped - STEPS} steps computed again, {time.time() - t0:.0f}s; largest relative loss difference "
+          f"{diff:.2e}, largest parameter difference {worst:.2e}")

@@ -122,9 +122,81 @@ def test_resume_is_exact(assets, tmp_path):
 def test_checkpoint_of_another_model_is_a_clear_error(assets, tmp_path):
     data, vae = assets
     train.train(tiny_config(data, vae, total_steps=2), tmp_path)
+    before = {f: (tmp_path / f).read_text() for f in ("config.json", "config.0.json", "parameters.txt")}
     bigger = tiny_config(data, vae, total_steps=3, **{"model.text": "S"})
     with pytest.raises(Ov3Error, match=r"(?s)does not fit the configured model .*params/text/.*saved \(.*expected"):
         train.train(bigger, tmp_path)
+    # The refused resume wrote nothing: the error's advice (DIR/config.json) and export still hold.
+    assert {f: (tmp_path / f).read_text() for f in before} == before
+    assert json.loads(before["config.json"])["model"]["text"] == "mu"
+    assert sorted(p.name for p in tmp_path.glob("config.*.json")) == ["config.0.json"]
+
+
+def test_damaged_checkpoint_is_named_and_resume_step_goes_back(assets, tmp_path):
+    """A committed step whose array files lost their second half: one Ov3Error naming the step
+    and the fix; resume_step=2 then continues from step 2, the damaged step moved aside."""
+    data, vae = assets
+    train.train(tiny_config(data, vae), tmp_path)
+    straight = read_losses(tmp_path)
+    for f in (tmp_path / "checkpoints" / "4" / "state").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    with pytest.raises(Ov3Error, match=rf"^checkpoint {tmp_path / 'checkpoints' / '4'} is damaged \(.+\); "
+                                       r"resume from an earlier one with --config.resume_step=2 \(complete: \[2\]\)\.$"):
+        train.train(tiny_config(data, vae, total_steps=6), tmp_path)
+    train.train(tiny_config(data, vae, resume_step=2), tmp_path)
+    assert (tmp_path / "discarded_checkpoints" / "4").is_dir()
+    assert ckpt_lib.Checkpointer(tmp_path).latest_step() == 4
+    # The log was cut back to step 2 before the resumed run wrote steps 3 and 4 again.
+    assert [r["step"] for r in metrics_lib.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    resumed = read_losses(tmp_path)
+    for step in (3, 4):
+        assert resumed[step]["loss"] == straight[step]["loss"], step
+    assert (tmp_path / "config.2.json").is_file()
+    with pytest.raises(Ov3Error, match=r"config.resume_step=3: .* has no complete checkpoint 3; it has \[2, 4\]"):
+        train.train(tiny_config(data, vae, resume_step=3), tmp_path)
+
+
+def test_evaluator_crash_at_a_checkpoint_step_loses_nothing(assets, tmp_path):
+    """The step is saved before its evaluators run: one that fails there (here: a registered
+    evaluator raising, as a probe running out of memory would) ends the run with step 2 saved."""
+    from ov3.evals import base
+
+    @base.register("test_crash")
+    class Crash(base.Evaluator):
+        def run(self, params, frozen):
+            raise RuntimeError("RESOURCE_EXHAUSTED: injected evaluator failure")
+
+    data, vae = assets
+    cfg = tiny_config(data, vae)
+    cfg.evals.boom = dict(type="test_crash", every=2)
+    try:
+        with pytest.raises(RuntimeError, match="injected evaluator failure"):
+            train.train(cfg, tmp_path)
+    finally:
+        del base.REGISTRY["test_crash"]
+    assert ckpt_lib.Checkpointer(tmp_path).latest_step() == 2
+
+
+def test_out_of_memory_and_full_disk_are_one_line(assets, tmp_path):
+    """A real XLA allocation failure (a 1 TiB buffer on the CPU backend) and a real ENOSPC
+    (metrics.jsonl on /dev/full) in the middle of a run: each explained in one line."""
+    data, vae = assets
+    cfg = tiny_config(data, vae, batch_size=16, **{"model.remat": "none"})
+    try:
+        jax.jit(lambda: jax.numpy.ones((2 ** 38,), jax.numpy.float32))().block_until_ready()
+    except Exception as e:  # noqa: BLE001 - whatever XLA raises is what the CLI sees
+        oom = train.explain_failure(e, cfg, str(tmp_path))
+    assert oom is not None and "\n" not in oom, oom
+    assert re.match(r"out of device memory \(RESOURCE_EXHAUSTED: Out of memory allocating 1099511627776 bytes\.?\) "
+                    r"with batch_size=16 \(2 per device over 8 batch-sharded devices\) and model.remat='none': ", oom), oom
+    train.train(tiny_config(data, vae, total_steps=2), tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(OSError) as raised:
+        train.train(tiny_config(data, vae), tmp_path)
+    full = train.explain_failure(raised.value, cfg, str(tmp_path))
+    assert full == (f"disk full while writing to {tmp_path} ([Errno 28] No space left on device); the last complete "
+                    "checkpoint, step 2, stays: free space there and run the same command to resume from it."), full
 
 
 def test_nonfinite_loss_stops_with_the_terms(assets, tmp_path):

@@ -8,7 +8,7 @@
 Beyond the paper. The VAE is frozen, so the latents of a given crop never change; OV3
 recomputes them every step (the VAE encoder is a large share of the step at 128-256 px).
 This tool computes them once: each image is centre-cropped to S x S exactly as the
-pipeline's eval crop (ov3.data.pipeline.center_crop, same JPEG draft decoding) and encoded
+pipeline's eval crop (ov3.data.shapes.center_crop, same JPEG draft decoding) and encoded
 with `VAE.encode` (posterior mean, normalised with `--latent-norm`, as in training).
 
 AUGMENTATION IS FIXED in cached mode: every epoch sees the same centre crop, where the
@@ -18,7 +18,7 @@ and cache once per image size.
 
 OUT is an ov3 records folder (grain and TFDS read it), one output shard per input shard.
 Each record holds `key`, `image` (PNG of the S x S crop: the pixel-loss target, lossless),
-`alt_text`, `caption` (and `label` if the input has one) as the input did, plus `latent`
+`alt_text`, `caption` and every other field (`label`, the `captions` list...) as the input did, plus `latent`
 (bfloat16, row-major h x w x c, raw bytes) and `latent_shape` ("h,w,c"). The manifest's
 `latent_cache` names the VAE (path, sha256 of its files), image size, latent shape and
 normalisation. Resumable like ov3.data.convert: re-run the same command after an
@@ -28,8 +28,6 @@ interruption. Runs in one process; the batch is split over all local devices.
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
 import io
 import os
 import shutil
@@ -43,78 +41,33 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ov3.data import decode, pipeline, records, resumable
+from ov3.data import decode, records, resumable, shapes
+from ov3.data.shapes import FORMAT, vae_fingerprint
 from ov3.errors import Ov3Error
 
-FORMAT = "ov3.latent_cache/1"
-
-
-def latent_shape(path: str, image_size: int) -> tuple[int, int, int]:
-    """The (h, w, c) of the latents cached in `path` at `image_size`; Ov3Error if not one."""
-    info = records.read_manifest(path).get("latent_cache")
-    if not info or info.get("format") != FORMAT:
-        raise Ov3Error(f"config.data.use_cached_latents=True but {path} is not a latent cache "
-                       f"({FORMAT}); make one with python -m ov3.data.cache_latents --data "
-                       f"{path} --vae VAE --image-size {image_size} --out OUT and set "
-                       "config.data.path=OUT.")
-    if info["image_size"] != image_size:
-        raise Ov3Error(f"The latent cache {path} holds {info['image_size']} px crops but "
-                       f"config.image_size={image_size}; set config.image_size="
-                       f"{info['image_size']} or cache again with --image-size {image_size}.")
-    return tuple(info["latent_shape"])
-
-
-def check_vae(path: str, vae_path: str, latent_norm: str) -> None:
-    """Ov3Error unless the cache in `path` was made with this VAE and normalisation."""
-    info = records.read_manifest(path)["latent_cache"]
-    if info["vae_sha256"] != vae_fingerprint(vae_path) or info["latent_norm"] != latent_norm:
-        raise Ov3Error(f"The latent cache {path} was made with the VAE {info['vae']} "
-                       f"(latent_norm={info['latent_norm']!r}), not config.vae.path={vae_path} "
-                       f"(latent_norm={latent_norm!r}); cache again with this VAE.")
-
-
-def vae_fingerprint(vae_path: str) -> str:
-    """sha256 over the VAE's config and weight files (what from_pretrained reads)."""
-    if os.path.isfile(vae_path):
-        files = [vae_path]
-    else:
-        files = sorted(f for pattern in ("**/config.json", "**/*.safetensors")
-                       for f in glob.glob(os.path.join(vae_path, pattern), recursive=True))
-    if not files:
-        raise Ov3Error(f"--vae {vae_path}: no config.json / *.safetensors found.")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(os.path.relpath(f, vae_path).encode() if f != vae_path else b"")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 class _Load:
-    """Record → {key, texts, label, png, pixels} of the S x S centre crop, or {"skip": reason}."""
+    """Record → {key, alt_text, caption, extra, png, pixels} of the S x S centre crop, or
+    {"skip": reason}. `extra`: every other field as stored (label, the `captions` list...)."""
 
     def __init__(self, image_size: int, max_pixels: int, min_side: int):
         self.size, self.max_pixels, self.min_side = image_size, max_pixels, min_side
 
     def __call__(self, record: bytes) -> dict[str, Any]:
         try:
-            fields = records.parse_example(record)
-            out = {"key": fields["key"], "alt_text": fields["alt_text"],
-                   "caption": fields["caption"]}
-            ints = records.parse_ints(record)
-            img = decode.decode_image(fields["image"], max_pixels=self.max_pixels,
+            fields = records.parse_features(record)
+            out = {"key": fields["key"][0], "alt_text": fields["alt_text"][0],
+                   "caption": fields["caption"][0],
+                   "extra": {k: v for k, v in fields.items() if k not in records.FEATURES}}
+            img = decode.decode_image(fields["image"][0], max_pixels=self.max_pixels,
                                       min_side=self.min_side, draft_side=self.size)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, IndexError):
             return {"skip": "bad_record"}
         except decode.Skip as s:
             return {"skip": s.reason}
-        img = pipeline.center_crop(img, self.size)
+        img = shapes.center_crop(img, self.size)
         buf = io.BytesIO()
         img.save(buf, format="PNG", compress_level=1)  # Fast; photos barely compress more.
         out.update(png=buf.getvalue(), pixels=np.asarray(img, np.uint8))
-        if "label" in ints:
-            out["label"] = ints["label"]
         return out
 
 
@@ -166,9 +119,7 @@ def _encode_shards(job: resumable.ShardedJob, files: list[str], vae, *, image_si
             z = vae.encode(jax.device_put(x, sharding)).astype(jnp.bfloat16)
             z = np.asarray(jax.device_get(z))[:len(good)]
             for r, zi in zip(good, z):
-                extra = {"latent": zi.tobytes(), "latent_shape": ",".join(map(str, zi.shape))}
-                if "label" in r:
-                    extra["label"] = r["label"]
+                extra = {**r["extra"], "latent": zi.tobytes(), "latent_shape": ",".join(map(str, zi.shape))}
                 writer.write(r["key"].decode(), r["png"], r["alt_text"], r["caption"], extra)
         job.mark_done(i, writer.close())
 
@@ -220,7 +171,8 @@ def run(args: argparse.Namespace) -> dict:
                 if s in manifest["splits"])
     bar = tqdm(total=total, unit="img", desc="caching latents", smoothing=0.05)
     t0 = time.time()
-    kept = {k: manifest[k] for k in ("classes", "class_folders", "label_key") if k in manifest}
+    kept = {k: manifest[k] for k in ("classes", "class_folders", "label_key", "texts_key", "per_split")
+            if k in manifest}
     done = {}
     if os.path.exists(os.path.join(args.out, records.MANIFEST)):
         existing = records.read_manifest(args.out)
@@ -245,6 +197,8 @@ def run(args: argparse.Namespace) -> dict:
     bar.close()
     if "classes" in kept:
         records.add_class_label(args.out, kept["classes"])
+    if "texts_key" in kept:  # several captions an image (Karpathy sets): retrieval reads them
+        records.add_text_list(args.out, kept["texts_key"])
     tok = os.path.join(args.data, "tokenizer.json")
     if os.path.exists(tok):
         shutil.copyfile(tok, os.path.join(args.out, "tokenizer.json"))

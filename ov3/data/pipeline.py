@@ -46,6 +46,9 @@
   prefetch      [256] examples buffered ahead per process
   max_pixels    [64 Mi] images with more pixels are skipped (decompression bombs)
   min_side      [8] images with a shorter side are skipped
+  max_skip_fraction [0.5] training stops with the per-reason counts when more than this
+                fraction of a process's first 1000 examples, or 1000 in a row, are skipped
+                (a wrong key or filter would otherwise drop everything and hang); 1.0: never
   train_split, eval_split  [train, heldout] split names, for the train loop to pass
 
 What happens, in order:
@@ -96,11 +99,12 @@ from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image, ImageEnhance
 
-from ov3.data import decode, records
+from ov3.data import decode, records, shapes
 from ov3.data.tokenizer import Tokenizer
 from ov3.errors import Ov3Error
 
 AUGMENTS = ("rrc", "center_crop")
+SKIP_WINDOW = 1000  # examples: the first ones a process reads, and the longest run of skips allowed
 # Independent RNG streams per example, each seeded by (seed, stream position, stream id), so
 # turning one option on does not change what another draws.
 _SENTENCE_STREAM, _COLOUR_STREAM = 1, 2
@@ -123,6 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
         "num_epochs": ml_collections.config_dict.placeholder(int),
         "worker_count": 0, "read_threads": 8, "prefetch": 256,
         "max_pixels": decode.DEFAULT_MAX_PIXELS, "min_side": 8,
+        "max_skip_fraction": 0.5,  # of the first SKIP_WINDOW examples (or SKIP_WINDOW in a row)
     })
 
 
@@ -132,28 +137,6 @@ def _get(cfg, key: str):
 
 
 # --- one example -------------------------------------------------------------------
-
-def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
-                        area: tuple[float, float], ratio: tuple[float, float]) -> Image.Image:
-    """Inception-style crop: random area fraction and aspect ratio, resized to size²."""
-    w, h = img.size
-    for _ in range(10):
-        target = w * h * rng.uniform(*area)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
-    return center_crop(img, size)  # Extreme aspect ratios: fall back, as torchvision does.
-
-
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Largest centred square, resized to size² (same as resize-shorter-side + crop)."""
-    w, h = img.size
-    s = min(w, h)
-    x0, y0 = (w - s) // 2, (h - s) // 2
-    return img.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + s, y0 + s))
-
 
 def caption_sentences(caption: str) -> list[str]:
     """The sentences of a caption: split on runs of "." and "!", blank pieces dropped (OpenVision)."""
@@ -245,10 +228,8 @@ class Preprocess:
             if isinstance(record, dict):  # The TFDS source picked out the fields already.
                 fields, keys = record, ("image", "text", "caption", "label", "texts")
             else:
-                lists = records.parse_bytes_lists(record)
+                lists = records.parse_features(record)
                 fields = {k: v[0] if v else b"" for k, v in lists.items()}
-                if self.label_key:
-                    fields.update(records.parse_ints(record))
                 if self.texts_key:
                     fields[self.texts_key] = lists[self.texts_key]
                 keys = (self.image_key, self.text_key, self.caption_key, self.label_key, self.texts_key)
@@ -270,9 +251,9 @@ class Preprocess:
                                   draft_side=self.draft_side())
         if self.crop == "rrc":
             rng = np.random.default_rng([self.seed, index])
-            img = random_resized_crop(img, self.image_size, rng, self.rrc_area, self.rrc_ratio)
+            img = shapes.random_resized_crop(img, self.image_size, rng, self.rrc_area, self.rrc_ratio)
         else:
-            img = center_crop(img, self.image_size)
+            img = shapes.center_crop(img, self.image_size)
         if self.color_jitter > 0 or self.grayscale > 0:
             img = color_augment(img, np.random.default_rng([self.seed, index, _COLOUR_STREAM]),
                                 self.color_jitter, self.grayscale)
@@ -345,7 +326,7 @@ class BatchIterator:
                  per_process_batch: int, global_batch_size: int, train: bool,
                  sharding: NamedSharding | None, worker_count: int, read_threads: int,
                  prefetch: int, num_batches: int | None, process_index: int,
-                 process_count: int):
+                 process_count: int, max_skip_fraction: float = 1.0):
         self._dataset = dataset  # This process's stream, before decoding threads/workers.
         self._pre = preprocess
         self._pb, self._gb = per_process_batch, global_batch_size
@@ -356,6 +337,8 @@ class BatchIterator:
         self._consumed = 0  # Stream elements taken by this process.
         self._batches = 0
         self._skipped = dict.fromkeys(decode.SKIP_REASONS, 0)
+        self._max_skip = max_skip_fraction
+        self._in_a_row = 0  # skipped since the last good example
         self._it = None
 
     def _start(self) -> None:
@@ -387,14 +370,33 @@ class BatchIterator:
             self._consumed += 1
             if "skip" in el:
                 self._skipped[decode.SKIP_REASONS[el["skip"]]] += 1
+                self._in_a_row += 1
                 if not self._train:
                     rows.append(None)
+                elif self._max_skip < 1:
+                    self._check_skips()
                 continue
+            self._in_a_row = 0
             rows.append(el)
         if self._train and len(rows) < self._pb:
             raise StopIteration  # Finite num_epochs: drop the last partial batch.
         self._batches += 1
         return self._to_global(self._stack(rows))
+
+    def _check_skips(self) -> None:
+        """Ov3Error, with the counts, when training can make no (or little) progress."""
+        skipped = sum(self._skipped.values())
+        early = self._consumed <= SKIP_WINDOW and skipped > self._max_skip * SKIP_WINDOW
+        if not early and self._in_a_row < SKIP_WINDOW:
+            return
+        counts = ", ".join(f"{k}: {v}" for k, v in self._skipped.items() if v)
+        what = (f"{skipped} of the first {self._consumed} examples" if early
+                else f"{self._in_a_row} examples in a row (at stream position {self._consumed})")
+        raise Ov3Error(f"the input pipeline of process {self._process[0]} skipped {what} ({counts}); more than "
+                       f"config.data.max_skip_fraction={self._max_skip:g} of the first {SKIP_WINDOW}, or "
+                       f"{SKIP_WINDOW} in a row, means training cannot progress: check config.data.image_key, "
+                       "text_key, caption_key, label_key, min_side and max_pixels against the data (see "
+                       "ov3.data.decode.SKIP_REASONS), or raise config.data.max_skip_fraction.")
 
     def _stack(self, rows: list[dict | None]) -> dict[str, np.ndarray]:
         pb = self._pb
@@ -453,6 +455,22 @@ class BatchIterator:
         self._it = None
 
 
+def _check_fields(source: Any, path: str, split: str, keys: dict[str, str], look_at: int = 16) -> None:
+    """Ov3Error before anything compiles when a configured key names a field that none of the
+    first records has (else every example would be skipped as a bad record, see
+    BatchIterator._check_skips for what this cannot see)."""
+    fields: set[str] = set()
+    for i in range(min(len(source), look_at)):
+        try:
+            fields.update(records.parse_features(source[i]))
+        except ValueError:
+            continue  # a bad record is counted when read
+    for name, key in keys.items():
+        if fields and key and key not in fields:
+            raise Ov3Error(f"config.data.{name}={key!r}: the records of {path} (split {split!r}) have no such "
+                           f"field; they hold {sorted(fields)}. Set it to one of those.")
+
+
 def make_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | None,
                   global_batch_size: int, image_size: int, split: str, train: bool,
                   seed: int, tokenizer: Tokenizer | None = None, texts_key: str = "",
@@ -490,11 +508,10 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
         raise Ov3Error(f"config.data.augment={crop!r}; use one of {AUGMENTS}.")
     latent_shape = None
     if _get(data_cfg, "use_cached_latents"):
-        from ov3.data import cache_latents  # The manifest check; no JAX work at import.
         if source != "arrayrecord":
             raise Ov3Error("config.data.use_cached_latents needs source='arrayrecord' and "
                            "path = a folder written by python -m ov3.data.cache_latents.")
-        latent_shape = cache_latents.latent_shape(path, image_size)
+        latent_shape = shapes.latent_shape(path, image_size)
         if crop != "center_crop":
             logging.warning("config.data.use_cached_latents: training sees the cached centre "
                             "crops; config.data.augment=%r does not apply.", crop)
@@ -532,6 +549,9 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
                            "int field (image-label sets from python -m ov3.data.convert "
                            "imagefolder have 'label'); set label_key=''.")
         records_source = grain.sources.ArrayRecordDataSource(files)
+        _check_fields(records_source, path, split, {
+            "image_key": _get(data_cfg, "image_key"), "text_key": _get(data_cfg, "text_key"),
+            "caption_key": _get(data_cfg, "caption_key"), "label_key": label_key, "texts_key": texts_key})
     if read_latency_ms:
         records_source = _DelayedSource(records_source, read_latency_ms / 1000)
     ds = grain.MapDataset.source(records_source)
@@ -567,4 +587,4 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
         worker_count=_get(data_cfg, "worker_count"),
         read_threads=_get(data_cfg, "read_threads"), prefetch=_get(data_cfg, "prefetch"),
         num_batches=num_batches, process_index=process_index,
-        process_count=process_count)
+        process_count=process_count, max_skip_fraction=_get(data_cfg, "max_skip_fraction"))

@@ -13,8 +13,9 @@ re-encoded), `alt_text` and `caption` (UTF-8); converters may add an int64 `labe
 list of texts (`captions`, several per image, for retrieval benchmarks). Why this format: it is the format TFDS
 and TF (`tf.io.parse_single_example`) read, so the same shards open with
 `tfds.builder_from_directory(DIR).as_data_source(split)` (an `Image` feature plus
-three `Text` features) with no conversion; and the protobuf subset we need (a map of
-bytes lists) is ~40 lines, so writing and reading need neither TF nor protobuf.
+three `Text` features) with no conversion. The codec is TF's own `example.proto`, as TFDS
+ships it compiled (`tensorflow_datasets.proto.tf_example_pb2`): no TF needed, and records
+written by other tools (e.g. unpacked int64 lists) read as TF reads them.
 
 Shards are filled round-robin, so they differ in size by at most one record and a
 split with fewer records than shards just has fewer shards.
@@ -27,6 +28,8 @@ import os
 from collections.abc import Mapping, Sequence
 
 from array_record.python import array_record_module
+from google.protobuf import message
+from tensorflow_datasets.proto import tf_example_pb2
 
 from ov3.data import decode
 from ov3.errors import Ov3Error
@@ -38,148 +41,51 @@ FEATURES = ("key", "image", "alt_text", "caption")
 _WRITER_OPTIONS = "group_size:1"
 
 
-# --- tf.train.Example, the part we use --------------------------------------------
-# Example{features=1: Features{feature=1: map<string, Feature>}}, a map entry is
-# {key=1: string, value=2: Feature}, Feature{bytes_list=1: BytesList{value=1: bytes}}.
+# --- tf.train.Example: TFDS's compiled copy of TF's example.proto (no TF needed) ----------
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-Value = bytes | str | int | Sequence[bytes | str]
+Value = bytes | str | int | Sequence[bytes | str] | Sequence[int]
 
 
 def serialize_example(features: Mapping[str, Value]) -> bytes:
-    """{name: bytes, str, int or a list of texts} -> serialized tf.train.Example (ints as int64,
-    e.g. a class label, which TFDS reads as a ClassLabel; a list as one bytes_list with several
-    values, e.g. the five captions of a COCO image, which TFDS reads as a Sequence(Text))."""
-    entries = b""
-    ints = {k: v for k, v in features.items() if isinstance(v, int)}
+    """{name: bytes, str, int or a list of texts or ints} -> serialized tf.train.Example (ints
+    as int64, e.g. a class label, which TFDS reads as a ClassLabel; a list of texts as one
+    bytes_list, e.g. the five captions of a COCO image, which TFDS reads as a Sequence(Text))."""
+    example = tf_example_pb2.Example()
     for name, value in sorted(features.items()):
-        if name in ints:
-            continue
-        values = [value] if isinstance(value, (bytes, str)) else value
-        blist = b"".join(_field(1, v.encode("utf-8") if isinstance(v, str) else v) for v in values)
-        feature = _field(1, blist)  # Feature.bytes_list
-        entries += _field(1, _field(1, name.encode("utf-8")) + _field(2, feature))
-    # Protobuf parses concatenated messages as their merge: the int64 features can follow as a
-    # second `Features` and the result is still one valid tf.train.Example.
-    return _field(1, entries) + (_int64_features(ints) if ints else b"")
-
-
-def _int64_features(ints: Mapping[str, int]) -> bytes:
-    """Features{feature: {name: Feature{int64_list: Int64List{value: [v] (packed)}}}}."""
-    entries = b""
-    for name, value in sorted(ints.items()):
-        packed = _varint(int(value) & 0xFFFF_FFFF_FFFF_FFFF)  # two's complement
-        feature = _field(3, _field(1, packed))  # Feature.int64_list = 3
-        entries += _field(1, _field(1, name.encode()) + _field(2, feature))
-    return _field(1, entries)
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(buf: memoryview):
-    """Yields (field number, payload) of the length-delimited fields; skips the rest."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        tag, pos = _read_varint(buf, pos)
-        wire = tag & 7
-        if wire == 2:
-            n, pos = _read_varint(buf, pos)
-            if pos + n > end:
-                raise ValueError("field runs past the end of the record")
-            yield tag >> 3, buf[pos:pos + n]
-            pos += n
-        elif wire == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
+        feature = example.features.feature[name]
+        values = [value] if isinstance(value, (bytes, str, int)) else list(value)
+        if values and all(isinstance(v, int) for v in values):
+            feature.int64_list.value.extend(values)
         else:
-            raise ValueError(f"unsupported wire type {wire}")
+            feature.bytes_list.value.extend(v.encode("utf-8") if isinstance(v, str) else v for v in values)
+    return example.SerializeToString(deterministic=True)
+
+
+def parse_features(data: bytes) -> dict[str, list]:
+    """Serialized tf.train.Example -> {name: its values} (a list of bytes, ints or floats);
+    ValueError if malformed. Reads every valid encoding (packed or unpacked int64 lists...)."""
+    example = _parse(data)
+    return {name: list(getattr(f, f.WhichOneof("kind")).value) if f.WhichOneof("kind") else []
+            for name, f in example.features.feature.items()}
 
 
 def parse_example(data: bytes) -> dict[str, bytes]:
-    """Serialized tf.train.Example → {name: first bytes value}; ValueError if malformed.
+    """Serialized tf.train.Example -> {name: first bytes value}; ValueError if malformed.
 
-    Features that are not bytes lists (int64/float) are ignored.
-    """
-    return {name: values[0] if values else b"" for name, values in parse_bytes_lists(data).items()}
+    Features that are not bytes lists (int64/float) are left out."""
+    example = _parse(data)
+    return {name: f.bytes_list.value[0] if f.bytes_list.value else b""
+            for name, f in example.features.feature.items() if f.WhichOneof("kind") == "bytes_list"}
 
 
-def parse_bytes_lists(data: bytes) -> dict[str, list[bytes]]:
-    """Serialized tf.train.Example → {name: every bytes value}; ValueError if malformed."""
-    out: dict[str, list[bytes]] = {}
+def _parse(data: bytes):
     try:
-        for f, features in _fields(memoryview(data)):
-            if f != 1:
-                continue
-            for f2, entry in _fields(features):
-                if f2 != 1:
-                    continue
-                name, values = None, None
-                for f3, part in _fields(entry):
-                    if f3 == 1:
-                        name = bytes(part).decode("utf-8")
-                    elif f3 == 2:
-                        for f4, blist in _fields(part):
-                            if f4 == 1:  # bytes_list
-                                values = [bytes(v) for f5, v in _fields(blist) if f5 == 1]
-                if name is not None and values is not None:
-                    out[name] = values
-    except (IndexError, UnicodeDecodeError) as e:
+        return tf_example_pb2.Example.FromString(data)
+    except message.DecodeError as e:
         raise ValueError(f"malformed tf.train.Example: {e}") from e
-    return out
 
 
 # --- writing -----------------------------------------------------------------------
-
-def parse_ints(data: bytes) -> dict[str, int]:
-    """Serialized tf.train.Example → {name: first int64 value}; ValueError if malformed."""
-    out: dict[str, int] = {}
-    try:
-        for f, feats in _fields(memoryview(data)):
-            for f2, entry in _fields(feats) if f == 1 else ():
-                name, value = None, None
-                for f3, part in _fields(entry) if f2 == 1 else ():
-                    if f3 == 1:
-                        name = bytes(part).decode("utf-8")
-                    elif f3 == 2:
-                        for f4, ilist in _fields(part):
-                            if f4 == 3:  # int64_list; its values are packed (proto3 default)
-                                for f5, packed in _fields(ilist):
-                                    if f5 == 1 and len(packed):
-                                        v, _ = _read_varint(packed, 0)
-                                        value = v - (1 << 64) if v >= 1 << 63 else v
-                if name is not None and value is not None:
-                    out[name] = value
-    except (IndexError, UnicodeDecodeError) as e:
-        raise ValueError(f"malformed tf.train.Example: {e}") from e
-    return out
-
 
 class SplitWriter:
     """Writes one split of a dataset folder; call `write` per example, then `close`.

@@ -116,6 +116,7 @@ class Evaluator:
 
     def __init__(self, name: str, spec: dict[str, Any], ctx: Context):
         self.name, self.spec, self.ctx = name, spec, ctx
+        self.skipped: dict[str, int] = {}  # by reason, over the passes of the last run
         self.every = int(spec["every"])
         self.batch_size = int(spec["batch_size"]) or int(ctx.cfg.batch_size)
         sharding.check_batch(self.batch_size, ctx.mesh, key=f"evals.{name}.batch_size")
@@ -214,6 +215,9 @@ class Evaluator:
                     break
         finally:
             it.close()
+        # Examples the pipeline could not use (corrupt images...), logged as eval/<name>/skipped/<reason>.
+        for reason, count in sharding.sum_over_processes(it.stats()).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
 
     def collect(self, predict, params, frozen, *extra, **kw) -> dict[str, np.ndarray]:
         """`batches` concatenated; raises when the split has no usable example."""

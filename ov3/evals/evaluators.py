@@ -13,8 +13,9 @@ Each entry names a registered type (big_vision's evaluator registry, in small fi
   linear_probe    logistic regression on pooled features and on mean tokens    (understanding.py)
 Keys every type takes are in `base.COMMON_KEYS`, type-specific ones in its `KEYS`; both
 are checked by `config.validate` before anything compiles. Results are logged as
-`eval/<name>/<metric>` plus `eval/<name>/time_s` (one metrics.jsonl row per step that
-ran evaluators).
+`eval/<name>/<metric>` plus `eval/<name>/time_s` and `eval/<name>/skipped/<reason>` (examples
+the pipeline could not use, e.g. corrupt images; one metrics.jsonl row per step that ran
+evaluators).
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ class Evaluators:
         results = {}
         for ev in self.evaluators if which is None else which:
             t0 = time.time()
+            ev.skipped = {}
             values = ev.run(params, frozen)
-            results[ev.name] = {**values, "time_s": time.time() - t0}
+            skipped = {f"skipped/{k}": float(v) for k, v in ev.skipped.items()}
+            results[ev.name] = {**values, "time_s": time.time() - t0, **skipped}
         return results
 
     def run_due(self, step: int, params: Any, frozen: Any, writer: Any) -> float:
@@ -83,7 +86,8 @@ class Evaluators:
         writer.scalars(step, row)
         if jax.process_index() == 0:
             for name, values in results.items():
-                shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "time_s")
+                shown = " ".join(f"{k}={v:.4g}" for k, v in values.items()
+                                 if k != "time_s" and not (k.startswith("skipped/") and not v))
                 print(f"eval {name} at step {step}: {shown} ({values['time_s']:.1f}s)", flush=True)
         return time.time() - t0
 

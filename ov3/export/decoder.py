@@ -41,19 +41,22 @@ def decoder_config(dec: Params, spec: ModelSpec, vae: dict[str, Any]) -> dict[st
             "latent_channels": spec.latent_channels, "layer_norm_eps": LN_EPS,
             # The output normalisation (= the encoder's input): latents = (mean - shift) * scale.
             "scaling_factor": vae["scaling_factor"], "shift_factor": vae["shift_factor"],
-            "vae": vae["path"]}
+            "vae": vae["name"]}
 
 
 LOAD_DOC = """## Load (plain PyTorch)
 
+`LatentDecoder` is a `torch.nn.Module` with huggingface_hub's `PyTorchModelHubMixin`, so
+`from_pretrained` takes this folder or its Hub repo id. The class is `ov3.export.decoder_torch`
+(`pip install ov3`; importing it does not import JAX), also copied here as `ov3_latent_decoder.py`.
+
 ```python
-import sys; sys.path.insert(0, "EXPORT_DIR")
-from ov3_latent_decoder import LatentDecoder
+from ov3.export.decoder_torch import LatentDecoder
 from diffusers import AutoencoderKL
 
-decoder = LatentDecoder.from_pretrained("EXPORT_DIR")
+decoder = LatentDecoder.from_pretrained("EXPORT_DIR")   # eval mode; every tensor checked (strict)
 latents = decoder(tokens)                       # tokens z_u (B, N, W) -> latents (B, 16, h, w)
-vae = AutoencoderKL.from_pretrained(VAE_PATH).eval()
+vae = AutoencoderKL.from_pretrained(VAE_PATH).eval()  # the VAE named in this card
 images = vae.decode(decoder.to_vae(latents)).sample.clamp(-1, 1)    # to_vae undoes the normalisation
 ```
 

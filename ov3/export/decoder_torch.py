@@ -1,10 +1,11 @@
 """ov3's latent decoder (unified tokens z_u -> VAE latents) as a self-contained PyTorch module.
 
-Plain torch + safetensors; no ov3, no JAX. `python -m ov3.export --format decoder` copies this
-file next to `config.json` + `model.safetensors` as `ov3_latent_decoder.py`.
+Plain torch + safetensors + huggingface_hub; no JAX. `python -m ov3.export --format decoder`
+writes `config.json` + `model.safetensors` (the layout of huggingface_hub's PyTorchModelHubMixin)
+and copies this file next to them as `ov3_latent_decoder.py`.
 
-    from ov3_latent_decoder import LatentDecoder
-    decoder = LatentDecoder.from_pretrained("EXPORT_DIR").eval()
+    from ov3.export.decoder_torch import LatentDecoder      # or: from ov3_latent_decoder import ...
+    decoder = LatentDecoder.from_pretrained("EXPORT_DIR")   # a folder or a Hub repo id; eval mode
     latents = decoder(tokens)                # (B, N, W_enc) -> (B, 16, h, w), the encoder's input space
     images = vae.decode(decoder.to_vae(latents)).sample      # diffusers AutoencoderKL, in [-1, 1]
 
@@ -16,14 +17,13 @@ unpatchified to NCHW.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Any
 
-import safetensors.torch
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-CONFIG_NAME = "config.json"
+CONFIG_NAME = "config.json"          # PyTorchModelHubMixin's file names
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -46,7 +46,8 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class LatentDecoder(nn.Module):
+class LatentDecoder(nn.Module, PyTorchModelHubMixin, library_name="ov3", license="apache-2.0",
+                    tags=["ov3", "openvision3", "latent-decoder"]):
     def __init__(self, in_width: int, width: int, depth: int, heads: int, mlp_dim: int, grid: int,
                  patch: int, latent_channels: int, layer_norm_eps: float = 1e-6,
                  scaling_factor: float = 0.3611, shift_factor: float = 0.0, **_: object):
@@ -78,8 +79,6 @@ class LatentDecoder(nn.Module):
         return latents / self.scaling_factor + self.shift_factor
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "LatentDecoder":
-        folder = Path(folder)
-        model = cls(**json.loads((folder / CONFIG_NAME).read_text()))
-        model.load_state_dict(safetensors.torch.load_file(str(folder / WEIGHTS_NAME)), strict=True)
-        return model.to(device).eval()
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> "LatentDecoder":
+        # Strict by default: a tensor missing from the file must fail, not stay at its random init.
+        return super()._from_pretrained(strict=strict, **kwargs)

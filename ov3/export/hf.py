@@ -214,7 +214,7 @@ def export(out: Path, config: ml_collections.ConfigDict, params: Params, spec: M
     _write_model(out / "vision", vit_config(enc), vit_state_dict(enc))
     save_file({"proj": np32(enc["proj"]["kernel"])}, str(out / "vision" / POOLING_HEAD_NAME))
     # Pixels for the VAE (not for ViTModel itself): RGB -> [-1, 1] at the training resolution.
-    pixels = _vit_dims(enc)["image_size"] * 8
+    pixels = _vit_dims(enc)["image_size"] * card.vae_facts(config)["downsample"]
     (out / "vision" / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "ViTImageProcessor", "do_resize": True,
         "size": {"height": pixels, "width": pixels}, "resample": 3, "do_rescale": True,

@@ -51,19 +51,35 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             from ov3.models.vae_weights import read_safetensors  # numpy reader that also handles bf16
         except ImportError:
             from safetensors.numpy import load_file as read_safetensors
-        state = read_safetensors(path)
+        try:
+            state = read_safetensors(path)
+        except Exception as e:  # noqa: BLE001 - truncated or not safetensors: many exception types
+            raise _unreadable(path, e) from e
     else:
         try:
             import torch
         except ImportError:
             raise Ov3Error(f"{path} is a torch pickle; reading it needs torch (pip install torch), "
                            "or convert it to .safetensors first.") from None
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated zip, a pickle with code in it, not torch at all
+            raise _unreadable(path, e) from e
         if isinstance(state, dict) and "state_dict" in state:  # open_clip training checkpoints
             state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise _unreadable(path, f"it holds a {type(state).__name__}, not a state dict")
         state = {k: v.float().numpy() for k, v in state.items() if hasattr(v, "float")}
     # DistributedDataParallel prefixes every key with "module.".
     return {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in state.items()}
+
+
+def _unreadable(path: Path, problem: Any) -> Ov3Error:
+    if isinstance(problem, BaseException):
+        lines = str(problem).strip().splitlines() or [""]
+        problem = f"{type(problem).__name__}: {lines[0][:200]}"
+    return Ov3Error(f"open_clip checkpoint {path} cannot be read ({problem}); download it again, or give the "
+                    "open_clip_model.safetensors / open_clip_pytorch_model.bin of the model.")
 
 
 def split_towers(state: Mapping[str, np.ndarray]) -> tuple[dict, dict, dict]:

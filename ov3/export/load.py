@@ -4,6 +4,7 @@ Layout this relies on (written by the trainer):
 
     WORKDIR/config.json                     the full ml_collections config, as JSON
     WORKDIR/tokenizer.json                  the tokenizer used for training
+    WORKDIR/vae_config.json                 the VAE's diffusers config as training used it
     WORKDIR/checkpoints/<step>/state        orbax item "state": {step, params, opt_state}
 
 Only `params` is read (a partial restore: the optimizer state, twice the size of the params,
@@ -26,6 +27,7 @@ from ov3.errors import Ov3Error
 from ov3.models.ov3 import ModelSpec, OV3Model
 
 CONFIG_NAME = "config.json"
+VAE_CONFIG_NAME = "vae_config.json"
 TOKENIZER_NAME = "tokenizer.json"
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "state"
@@ -39,9 +41,13 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         raise Ov3Error(f"{path} does not exist; --workdir must be a training workdir (the trainer "
                        f"writes {CONFIG_NAME} there when a run starts).")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise Ov3Error(f"{path} is not valid JSON ({e}); restore it from the run's launch config.") from None
+    vae_config = Path(workdir) / VAE_CONFIG_NAME
+    if vae_config.is_file():  # the export's VAE facts (ov3.export.card.vae_facts), not the path
+        config.vae_config = json.loads(vae_config.read_text())
+    return config
 
 
 def load_params(workdir: str | Path, step: int | None = None) -> tuple[ml_collections.ConfigDict, Params]:

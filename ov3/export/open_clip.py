@@ -126,7 +126,7 @@ def open_clip_config(params: Params, spec: ModelSpec, config: ml_collections.Con
             "text_cfg": text_cfg(params["text"], "./"),
         },
         # Pixels -> [-1, 1] for the VAE (mean = std = 0.5); the VAE itself is not part of CLIP.
-        "preprocess_cfg": {"size": vcfg["image_size"] * 8, "mean": [0.5] * 3, "std": [0.5] * 3,
+        "preprocess_cfg": {"size": vcfg["image_size"] * card.vae_facts(config)["downsample"], "mean": [0.5] * 3, "std": [0.5] * 3,
                            "interpolation": "bicubic", "resize_mode": "shortest"},
         # Not open_clip keys (its dataclasses reject unknown fields), read by the loader.
         "ov3": {
@@ -152,6 +152,12 @@ pooled = model.encode_image(latents)                       # (B, E); latents (B,
 pooled, tokens = ov3.encode_image_tokens(model, latents)   # tokens (B, h/2*w/2, W): z_u, no final norm
 text = model.encode_text(ov3.tokenizer("EXPORT_DIR")(["a photo of a cat"]))
 ```
+
+Not `open_clip.create_model("hf-hub:ORG/NAME")` (or `local-dir:`): open_clip builds
+`visual.conv1` with 3 input channels from the config, and loading these 16-channel weights into
+it fails with a size mismatch for `visual.conv1.weight`. From the Hub, download the folder first:
+`EXPORT_DIR = huggingface_hub.snapshot_download("ORG/NAME")`, then load as above. To fine-tune
+from it with ov3: `--config.init_from=EXPORT_DIR/open_clip_model.safetensors`.
 
 LayerNorm eps is 1e-6 in both towers via `norm_kwargs` in the config; building the towers with
 open_clip's default eps (1e-5) instead gives slightly different outputs.

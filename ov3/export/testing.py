@@ -36,6 +36,8 @@ def tiny_config(vae_path: str = "") -> ml_collections.ConfigDict:
     c.model.encoder, c.model.decoder, c.model.text = "mu/2", "mu/1", "mu"
     c.data.text_len, c.data.caption_len = TEXT_LEN, CAPTION_LEN
     c.vae.path = vae_path
+    from ov3.models.vae import FLUX1_DEV_CONFIG
+    c.vae_config = dict(FLUX1_DEV_CONFIG)  # what ov3.export.load.read_config adds from vae_config.json
     return c
 
 
@@ -80,7 +82,12 @@ def write_workdir(workdir: str | Path, config: ml_collections.ConfigDict, params
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    fields = config.to_dict()
+    vae_config = fields.pop("vae_config", None)
+    config = ml_collections.ConfigDict(fields)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))  # as ov3.train
+    if vae_config is not None:
+        (workdir / "vae_config.json").write_text(json.dumps(vae_config, indent=2))
     if tokenizer is not None:
         (workdir / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
     state = {"step": np.int32(step), "params": params,
