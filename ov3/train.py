@@ -274,7 +274,9 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
         shutil.copyfile(tokenizer_path(cfg), workdir / "tokenizer.json")
     # The VAE's facts (scaling factor, channels, down-sampling) travel with the run: export reads
     # them here, wherever the VAE folder is by then.
-    (workdir / "vae_config.json").write_text(json.dumps(trainer.task.vae.config.to_diffusers_dict(), indent=2))
+    from ov3.models.vae import PixelSpace
+    if not isinstance(trainer.task.vae.config, PixelSpace):  # a model.input="pixels" run has no VAE
+        (workdir / "vae_config.json").write_text(json.dumps(trainer.task.vae.config.to_diffusers_dict(), indent=2))
     params = trainer.abstract_state.params
     table = parameter_overview.get_parameter_overview(params, include_stats="sharding")
     (workdir / "parameters.txt").write_text(table + "\n")

@@ -1,12 +1,13 @@
 """Training curves of one or more runs, one panel per term, runs overlaid.
 
     python -m ov3.tools.plot --workdir runs/full --workdir runs/only_und [--label full --label only_und]
-        --out curves.png [--keys loss/contrastive,eval/retrieval/i2t_r1]
+        --out curves.png [--keys loss/contrastive,eval/retrieval/i2t_R@1]
 
 Reads each DIR/metrics.jsonl (rows merged per step, the last value of a key wins: a resumed run
 can log a step twice, and evaluations arrive in rows of their own) and draws every loss term
-(`loss`, `loss/*`), every evaluation metric (`eval/*`, timings left out), the diagnostics
-(`stats/*`) and the temperature over steps. Needs matplotlib (`pip install -e '.[plot]'`).
+(`loss`, `loss/*`), every evaluation metric (`eval/*`; timings and example counts left out),
+the diagnostics (`stats/*`) and the temperature over steps. Needs matplotlib
+(`pip install -e '.[plot]'`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def read_run(workdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plotted(key: str) -> bool:
-    return (key in SINGLE or key.startswith(PREFIXES)) and not key.endswith(("/time_s", "/num_images"))
+    # Timings and example counts of evaluations are bookkeeping, not curves.
+    return (key in SINGLE or key.startswith(PREFIXES)) and not key.endswith("/time_s") and "/num_" not in key
 
 
 def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], out: str | pathlib.Path,
