@@ -32,6 +32,7 @@ import optax
 
 from ov3 import checkpoint as ckpt_lib
 from ov3 import config as config_lib
+from ov3 import init_from as init_from_lib
 from ov3 import metrics as metrics_lib
 from ov3 import perf, sharding
 from ov3 import flops as flops_lib
@@ -329,9 +330,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     stop.where = "initialising" if start is None else f"restoring checkpoint {start}"
     if start is None:
         state, start = trainer.init_state(), 0
-        if cfg.init_from:  # a new stage: params from another run, fresh optimizer (ov3/stages.py)
-            from ov3 import stages
-            state = stages.init_from(trainer, state, cfg.init_from)
+        if cfg.init_from:  # params from another run or an open_clip checkpoint, fresh optimizer
+            state = init_from_lib.apply(trainer, state, cfg.init_from)
     else:
         state = checkpointer.restore(start, trainer.abstract_state, data)
         print(f"resumed from {checkpointer.directory / str(start)}", flush=True)

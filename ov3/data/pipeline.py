@@ -42,7 +42,9 @@
   num_epochs    [None] training passes; None repeats forever
   worker_count  [0] grain worker processes; 0 decodes in this process. Programs using
                 workers need an `if __name__ == "__main__":` guard (spawned workers)
-  read_threads  [8] threads per process (or per worker) reading and decoding
+  read_threads  [32] threads per process (or per worker) reading and decoding: enough reads
+                in flight to hide a bucket's ~30 ms per record read at ~900 img/s per
+                process (python -m ov3.tools.bench_data --read-latency-ms 0,30)
   prefetch      [256] examples buffered ahead per process
   max_pixels    [64 Mi] images with more pixels are skipped (decompression bombs)
   min_side      [8] images with a shorter side are skipped
@@ -125,7 +127,7 @@ def default_config() -> ml_collections.ConfigDict:
         "augment": "rrc", "rrc_area": (0.4, 1.0), "rrc_ratio": (3 / 4, 4 / 3),
         "color_jitter": 0.0, "grayscale": 0.0,  # training only; 0 = off
         "num_epochs": ml_collections.config_dict.placeholder(int),
-        "worker_count": 0, "read_threads": 8, "prefetch": 256,
+        "worker_count": 0, "read_threads": 32, "prefetch": 256,
         "max_pixels": decode.DEFAULT_MAX_PIXELS, "min_side": 8,
         "max_skip_fraction": 0.5,  # of the first SKIP_WINDOW examples (or SKIP_WINDOW in a row)
     })

@@ -42,8 +42,9 @@ def read_run(workdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plotted(key: str) -> bool:
-    # Timings and example counts of evaluations are bookkeeping, not curves.
-    return (key in SINGLE or key.startswith(PREFIXES)) and not key.endswith("/time_s") and "/num_" not in key
+    # Timings, example counts and skip counts of evaluations are bookkeeping, not curves.
+    return ((key in SINGLE or key.startswith(PREFIXES)) and not key.endswith("/time_s")
+            and "/num_" not in key and "/skipped/" not in key)
 
 
 def plot(runs: dict[str, dict[str, list[tuple[int, float]]]], out: str | pathlib.Path,
