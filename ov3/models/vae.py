@@ -626,3 +626,35 @@ def init_random(config: VAEConfig | Mapping[str, Any], seed: int = 0, *,
 
     params = jax.tree_util.tree_map_with_path(draw, param_shapes(config))
     return VAE(AutoencoderKL(config, dtype, remat_decoder), params, config, latent_norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# No VAE: config.model.input = "pixels" (the paper's Sec. 5.2 "w/o VAE" ablation).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelSpace:
+    """What the training and inference code read of a VAE config, for pixels as the "latents"."""
+    latent_channels: int = 3
+    downsample_factor: int = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Identity:
+    """Stands in for the frozen VAE when the encoder sees pixels: encoding and decoding are the
+    identity, so the encoder patchifies images (e.g. B/16) and the decoder predicts pixel patches."""
+    params: PyTree = dataclasses.field(default_factory=dict)
+    config: PixelSpace = PixelSpace()
+
+    def encode_fn(self, params: PyTree, images: Array) -> Array:
+        return images.astype(jnp.float32)
+
+    def decode_fn(self, params: PyTree, latents: Array) -> Array:
+        return latents
+
+    def encode(self, images: Array) -> Array:
+        return self.encode_fn(self.params, images)
+
+    def decode(self, latents: Array) -> Array:
+        return latents
