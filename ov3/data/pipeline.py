@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 from typing import Any
