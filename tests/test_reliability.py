@@ -573,11 +573,14 @@ def test_chaos_random_kills_and_stops_end_where_a_straight_run_does(config, refe
     args = ("--config", config, "--workdir", str(workdir), "--config.checkpoint_every=2",
             "--config.stop_grace_s=5")
     env = {"OV3_KILL_GRACE_S": "3"}
-    moments = [r"^\[launch\] p1 pid", r"^\[p0\] compiled the train step"] + [rf"^\[p0\] step {k}/" for k in range(1, STEPS)]
     stepped, restarts, outcomes = 0, 0, []
     t0 = time.time()
     while True:
         fault = faults.pop() if faults else None
+        done = max((int(s) for s in steps_on_disk(workdir)), default=0) if (workdir / "checkpoints").is_dir() else 0
+        # While starting, compiling, or after a step this attempt will run (and maybe while saving it).
+        moments = [r"^\[launch\] p1 pid", r"^\[p0\] compiled the train step"] + [
+            rf"^\[p0\] step {k}/" for k in range(done + 1, STEPS)]
         with started(launch_cmd(2, 4, *args), env) as run:
             if fault is not None:
                 victim, moment, jitter = rng.randrange(2), rng.choice(moments), rng.uniform(0, 1.0)
