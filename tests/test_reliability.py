@@ -577,7 +577,8 @@ def test_chaos_random_kills_and_stops_end_where_a_straight_run_does(config, refe
     t0 = time.time()
     while True:
         fault = faults.pop() if faults else None
-        done = max((int(s) for s in steps_on_disk(workdir)), default=0) if (workdir / "checkpoints").is_dir() else 0
+        done = max((int(s) for s in steps_on_disk(workdir) if s.isdigit()), default=0) \
+            if (workdir / "checkpoints").is_dir() else 0  # complete steps (not <step>.orbax-checkpoint-tmp)
         # While starting, compiling, or after a step this attempt will run (and maybe while saving it).
         moments = [r"^\[launch\] p1 pid", r"^\[p0\] compiled the train step"] + [
             rf"^\[p0\] step {k}/" for k in range(done + 1, STEPS)]
@@ -585,13 +586,11 @@ def test_chaos_random_kills_and_stops_end_where_a_straight_run_does(config, refe
             if fault is not None:
                 victim, moment, jitter = rng.randrange(2), rng.choice(moments), rng.uniform(0, 1.0)
                 pid = run.pid(victim)
-                try:
-                    run.wait_for(moment, 120)
-                    time.sleep(jitter)
+                run.wait_for(moment)  # every moment drawn comes, unless the run fails (the test then does)
+                time.sleep(jitter)
+                with contextlib.suppress(ProcessLookupError):  # gone already: the jitter outlasted the run
                     os.kill(pid, fault)
-                    hit = f"{signal.Signals(fault).name} p{victim} at {moment.split('] ')[-1]}+{jitter:.1f}s"
-                except (AssertionError, ProcessLookupError):  # the run ended before that moment
-                    hit = f"{signal.Signals(fault).name} p{victim}: run ended before {moment.split('] ')[-1]}"
+                hit = f"{signal.Signals(fault).name} p{victim} at {moment.split('] ')[-1].rstrip('/')}+{jitter:.1f}s"
             rc = run.finish()
         stepped += len(re.findall(r"^\[p0\] step \d+/", run.output, re.M))
         assert "Traceback" not in run.output or fault == signal.SIGKILL, run.tail()
