@@ -131,8 +131,10 @@ def vae_decode_flops(vae: Any, image_size: int) -> float:
             total += _resnet(side, cin, ch)
             cin = ch
         if i < len(chans) - 1:
+            # nearest x2 + 3x3 conv, in the sub-pixel form (ov3/models/vae.py SubpixelConv):
+            # a 2x2 conv to 4 * ch channels over the low-res map padded by 1
+            total += conv_flops(side + 1, ch, 4 * ch, 2)
             side *= 2
-            total += conv_flops(side, ch, ch, 3)  # nearest x2, then a conv
     return total + conv_flops(side, cin, vae.out_channels, 3)
 
 

@@ -201,11 +201,90 @@ def _conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1,
                    dtype=dtype, name=name)
 
 
-def _norm(groups: int, dtype: Any, name: str) -> nn.GroupNorm:
-    # Statistics are reduced in fp32 even for bf16 compute; the two-pass variance matches
-    # torch's GroupNorm to ~1e-7 where the fast E[x^2]-E[x]^2 form would not.
-    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, use_fast_variance=False,
-                        name=name)
+_GN_EPS = 1e-6  # diffusers' VAE GroupNorm epsilon
+
+
+def _grouped(x: Array, groups: int) -> Array:
+    """(B, H, W, C) -> (B, H*W, G, C/G) in fp32: statistics reduce over axes 1 and 3."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, groups, c // groups).astype(jnp.float32)
+
+
+def _gn_moments(xg: Array) -> tuple[Array, Array]:
+    """Per-(example, group) mean and 1/std of fp32 (B, N, G, Cg), in one pass over x.
+
+    E[d] and E[d^2] are reduced together (one read of x), around a shift taken from the
+    group's values at the first pixel: that keeps E[d^2] - E[d]^2 from cancelling when
+    |mean| >> std, which the unshifted one-pass form does in fp32 (two-pass needs a second
+    read of x)."""
+    shift = jnp.mean(xg[:, :1], axis=(1, 3), keepdims=True)
+    d = xg - shift
+    m1 = jnp.mean(d, axis=(1, 3), keepdims=True)
+    m2 = jnp.mean(d * d, axis=(1, 3), keepdims=True)
+    return shift + m1, jax.lax.rsqrt(jnp.maximum(m2 - m1 * m1, 0.0) + _GN_EPS)
+
+
+def _gn_affine(xhat: Array, scale: Array, bias: Array, silu: bool) -> tuple[Array, Array]:
+    """-> (pre-activation a = xhat * scale + bias, output silu(a) or a), fp32."""
+    g, cg = xhat.shape[2:]
+    a = xhat * scale.reshape(g, cg) + bias.reshape(g, cg)
+    return a, a * jax.nn.sigmoid(a) if silu else a
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x: Array, scale: Array, bias: Array, groups: int, silu: bool) -> Array:
+    """GroupNorm (+ SiLU), NHWC: fp32 statistics and arithmetic, output in x's dtype.
+
+    The custom backward keeps only x (in its own dtype, bf16 in bf16 runs) and the per-group
+    mean and 1/std, and recomputes the normalised values, instead of letting autodiff keep
+    fp32 intermediates (normalised x, pre-activation) alive from forward to backward."""
+    return _group_norm_fwd(x, scale, bias, groups, silu)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, silu):
+    xg = _grouped(x, groups)
+    mean, rstd = _gn_moments(xg)
+    y = _gn_affine((xg - mean) * rstd, scale, bias, silu)[1]
+    return y.reshape(x.shape).astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _group_norm_bwd(groups, silu, res, g):
+    x, mean, rstd, scale, bias = res
+    xhat = (_grouped(x, groups) - mean) * rstd
+    ga = _grouped(g, groups)
+    if silu:
+        a = _gn_affine(xhat, scale, bias, False)[0]
+        s = jax.nn.sigmoid(a)
+        ga = ga * s * (1 + a * (1 - s))
+    d_scale = jnp.sum(ga * xhat, axis=(0, 1)).reshape(scale.shape)
+    d_bias = jnp.sum(ga, axis=(0, 1)).reshape(bias.shape)
+    gx = ga * scale.reshape(xhat.shape[2:])
+    gx = rstd * (gx - jnp.mean(gx, axis=(1, 3), keepdims=True)
+                 - xhat * jnp.mean(gx * xhat, axis=(1, 3), keepdims=True))
+    return (gx.reshape(x.shape).astype(x.dtype), d_scale.astype(scale.dtype),
+            d_bias.astype(bias.dtype))
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+    """torch's `GroupNorm(groups, C, eps=1e-6)`, optionally followed by SiLU (fused)."""
+
+    groups: int
+    dtype: Any = jnp.float32
+    silu: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (c,))
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+        return group_norm(x.astype(self.dtype), scale, bias, self.groups, self.silu)
+
+
+def _norm(groups: int, dtype: Any, name: str, silu: bool = False) -> GroupNorm:
+    return GroupNorm(groups, dtype, silu, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -217,9 +296,9 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = nn.silu(_norm(self.groups, self.dtype, "norm1")(x))
+        h = _norm(self.groups, self.dtype, "norm1", silu=True)(x)
         h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
-        h = nn.silu(_norm(self.groups, self.dtype, "norm2")(h))
+        h = _norm(self.groups, self.dtype, "norm2", silu=True)(h)
         h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
@@ -270,14 +349,55 @@ class Downsample(nn.Module):
         return _conv(self.channels, 3, self.dtype, "conv", stride=2, padding=0)(x)
 
 
+# Nearest x2 upsampling then a 3x3 "same" conv (w0, w1, w2), in 1-D over a low-res row x:
+#   output 2i   = w0 x[i-1] + (w1 + w2) x[i]
+#   output 2i-1 = (w0 + w1) x[i-1] + w2 x[i]
+# Both outputs are 2-tap convs over the same window (x[i-1], x[i]). _PHASES[p, a, k] is how
+# much 3x3 tap k adds to window tap a for output phase p (0: 2i-1, 1: 2i).
+_PHASES = np.array([[[1, 1, 0], [0, 0, 1]],
+                    [[1, 0, 0], [0, 1, 1]]], np.float32)
+
+
+class SubpixelConv(nn.Module):
+    """diffusers' `Upsample2D` (nearest x2, then a 3x3 conv) computed in the "sub-pixel" form.
+
+    One 2x2 conv with 4x the output channels on the low-resolution map (padded by 1), then
+    depth-to-space and a 1-pixel crop: the same outputs exactly (up to float summation
+    order), for 4/9 of the FLOPs, and the 4x-upsampled input is never materialised. The
+    params are the 3x3 conv's, as in diffusers' files; the 2x2 kernels are folded from them
+    in each call (a few MFLOPs per step, independent of the batch), so checkpoints load and
+    save unchanged and the VAE can still be trained (task="vae").
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, cin = x.shape
+        c = self.features
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, c))
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+        # (window row a, window col b, in, phase row p, phase col q, out); exact fp32 sums.
+        folded = jnp.einsum("pak,qbl,klio->abipqo", _PHASES, _PHASES, kernel,
+                            precision=jax.lax.Precision.HIGHEST).reshape(2, 2, cin, 4 * c)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), folded.astype(self.dtype), (1, 1), [(1, 1), (1, 1)],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        # Position (m, n) holds output pixels (2m-1+p, 2n-1+q): depth-to-space, then drop
+        # the first and last rows/cols (outputs -1 and 2h, outside the image).
+        y = y.reshape(b, h + 1, w + 1, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+        y = y.reshape(b, 2 * h + 2, 2 * w + 2, c)[:, 1:-1, 1:-1]
+        return y + bias.astype(self.dtype)
+
+
 class Upsample(nn.Module):
     channels: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
-        return _conv(self.channels, 3, self.dtype, "conv")(x)
+        return SubpixelConv(self.channels, self.dtype, name="conv")(x)
 
 
 class DownBlock(nn.Module):
@@ -325,7 +445,7 @@ class Encoder(nn.Module):
                           name=f"down_blocks_{i}")(x)
         ch = cfg.block_out_channels[-1]
         x = MidBlock(ch, g, cfg.mid_block_add_attention, self.dtype, name="mid_block")(x)
-        x = nn.silu(_norm(g, self.dtype, "conv_norm_out")(x))
+        x = _norm(g, self.dtype, "conv_norm_out", silu=True)(x)
         return _conv(2 * cfg.latent_channels, 3, self.dtype, "conv_out")(x)
 
 
@@ -347,7 +467,7 @@ class Decoder(nn.Module):
         for i, ch in enumerate(chans):
             x = block(ch, cfg.layers_per_block + 1, g, i < cfg.num_levels - 1, self.dtype,
                       name=f"up_blocks_{i}")(x)
-        x = nn.silu(_norm(g, self.dtype, "conv_norm_out")(x))
+        x = _norm(g, self.dtype, "conv_norm_out", silu=True)(x)
         return _conv(cfg.out_channels, 3, self.dtype, "conv_out")(x)
 
 
