@@ -571,7 +571,7 @@ def test_chaos_random_kills_and_stops_end_where_a_straight_run_does(config, refe
     rng.shuffle(faults)
     workdir = tmp_path / "run"
     args = ("--config", config, "--workdir", str(workdir), "--config.checkpoint_every=2",
-            "--config.stop_grace_s=5")
+            "--config.stop_grace_s=30")  # saving on a busy 2-core host can take 5-10 s
     env = {"OV3_KILL_GRACE_S": "3"}
     stepped, restarts, outcomes = 0, 0, []
     t0 = time.time()
