@@ -9,7 +9,8 @@
 `pooled` (B, E) is the contrastive embedding (not normalised: L2-normalise for cosine
 similarity); `tokens` (B, N, W) are the unified tokens z_u, the last block's patch tokens
 before any LayerNorm. Images go through the frozen VAE named by config.vae.path (posterior
-mean, then config.vae.latent_norm), exactly as in training. The VAE and the tokenizer are
+mean, then config.vae.latent_norm), exactly as in training; a model.input="pixels" run (no
+VAE) takes the pixels themselves. The VAE and the tokenizer are
 loaded on first use, so `encode_latents` needs neither.
 """
 
@@ -105,7 +106,10 @@ class Encoder:
 
     @functools.cached_property
     def vae(self) -> Any:
+        from ov3.models import vae as vae_lib
         from ov3.models import vae_weights
+        if self.config.model.get("input", "latents") == "pixels":  # trained without a VAE
+            return vae_lib.Identity()
         if not self.vae_path:
             raise Ov3Error("config.vae.path is empty, so there is no VAE to encode images with; pass "
                            "vae_path= to Encoder.from_workdir (the diffusers folder or FLUX ae.safetensors "

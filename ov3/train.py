@@ -32,6 +32,7 @@ import optax
 
 from ov3 import checkpoint as ckpt_lib
 from ov3 import config as config_lib
+from ov3 import init_from as init_from_lib
 from ov3 import metrics as metrics_lib
 from ov3 import perf, sharding
 from ov3 import flops as flops_lib
@@ -122,7 +123,7 @@ class Trainer:
         (loss, terms), grads = jax.value_and_grad(self.task.loss, has_aux=True)(
             state.params, frozen, batch, rng)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = self.task.constrain(optax.apply_updates(state.params, updates))
         grad_norm = optax.global_norm(grads)
         # The update too: a finite gradient can still give a non-finite update (a NaN learning rate).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
@@ -171,7 +172,8 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
     from ov3 import tasks
     from ov3.models import vae as vae_lib
     from ov3.models import vae_weights
-    if not cfg.vae.path:
+    pixels = cfg.task == "ov3" and cfg.model.input == "pixels"  # no VAE: the "w/o VAE" ablation
+    if not cfg.vae.path and not pixels:
         raise Ov3Error("config.vae.path is empty: point it at a diffusers AutoencoderKL folder "
                        "(config.json + diffusion_pytorch_model.safetensors) or FLUX's ae.safetensors.")
     dtype = DTYPES[cfg.vae.dtype]
@@ -185,7 +187,8 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
             vae = vae_weights.from_pretrained(folder, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
         return tasks.VAETask(cfg, vae=vae), None
     from ov3.data.tokenizer import Tokenizer
-    vae = vae_weights.from_pretrained(cfg.vae.path, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
+    vae = vae_lib.Identity() if pixels else vae_weights.from_pretrained(
+        cfg.vae.path, dtype, cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
     tokenizer = Tokenizer.from_file(tokenizer_path(cfg))
     task = tasks.OV3Task(cfg, vae=vae, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
     return task, tokenizer
@@ -272,7 +275,9 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
         shutil.copyfile(tokenizer_path(cfg), workdir / "tokenizer.json")
     # The VAE's facts (scaling factor, channels, down-sampling) travel with the run: export reads
     # them here, wherever the VAE folder is by then.
-    (workdir / "vae_config.json").write_text(json.dumps(trainer.task.vae.config.to_diffusers_dict(), indent=2))
+    from ov3.models.vae import PixelSpace
+    if not isinstance(trainer.task.vae.config, PixelSpace):  # a model.input="pixels" run has no VAE
+        (workdir / "vae_config.json").write_text(json.dumps(trainer.task.vae.config.to_diffusers_dict(), indent=2))
     params = trainer.abstract_state.params
     table = parameter_overview.get_parameter_overview(params, include_stats="sharding")
     (workdir / "parameters.txt").write_text(table + "\n")
@@ -316,7 +321,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     evals = evaluators.from_config(cfg, trainer, tokenizer)
     data = pipeline.make_iterator(cfg.data, mesh=mesh, global_batch_size=cfg.batch_size,
                                   image_size=cfg.image_size, split="train", train=True, seed=cfg.seed,
-                                  tokenizer=tokenizer)
+                                  tokenizer=tokenizer,
+                                  caption_sentence="caption_sentence" in cfg.loss.get("contrastive_texts", ()))
     ckpt_lib.check_free_space(workdir, trainer.abstract_state, cfg.keep_checkpoints)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
 
@@ -324,9 +330,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
     stop.where = "initialising" if start is None else f"restoring checkpoint {start}"
     if start is None:
         state, start = trainer.init_state(), 0
-        if cfg.init_from:  # a new stage: params from another run, fresh optimizer (ov3/stages.py)
-            from ov3 import stages
-            state = stages.init_from(trainer, state, cfg.init_from)
+        if cfg.init_from:  # params from another run or an open_clip checkpoint, fresh optimizer
+            state = init_from_lib.apply(trainer, state, cfg.init_from)
     else:
         state = checkpointer.restore(start, trainer.abstract_state, data)
         print(f"resumed from {checkpointer.directory / str(start)}", flush=True)

@@ -99,7 +99,8 @@ def model_spec(config: ml_collections.ConfigDict, params: Params) -> ModelSpec:
             text_len=int(np.shape(params["text"]["positional_embedding"])[0]),
             caption_len=int(np.shape(params["caption"]["positional_embedding"])[0]),
             latent_channels=int(np.shape(params["encoder"]["conv1"]["kernel"])[2]),
-            noise_tau=float(m.noise_tau), posemb=m.get("posemb", "sincos"))
+            noise_tau=float(m.noise_tau), noise_mode=m.get("noise_mode", "absolute"),
+            posemb=m.get("posemb", "sincos"))
     except (KeyError, AttributeError) as e:
         raise Ov3Error(f"config.json or the checkpoint lacks {e}; export needs config.model.encoder/"
                        "decoder/text/noise_tau and params for encoder, decoder, text and caption.") from None
