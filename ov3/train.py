@@ -231,7 +231,7 @@ class StopSignal:
             time.sleep(self._grace_s)
             if self._closed:  # the loop saved and returned in time
                 return
-            why = f"no step boundary reached within stop_grace_s={self._grace_s:g} s (waiting in {self.where})"
+            why = f"but the run did not end within stop_grace_s={self._grace_s:g} s (it was {self.where})"
         else:
             why = f"while {self.where}, before the first step: nothing to save"
         print(f"ov3: stop requested {why}; exiting. The last complete checkpoint stays.",
@@ -389,6 +389,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             checkpointer.save(step, state, data, force=True)
         if preempted:  # a preempted step skips its evaluators: the grace period is for saving
             print(f"stop requested: saved step {step}, exiting", flush=True)
+            stop.where = f"writing checkpoint {step}"
             break
         # Evaluators due now (every N steps, all after the last); their time is not step time.
         stop.where = f"evaluating at step {step}"
@@ -400,6 +401,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         if step < cfg.total_steps:
             stop.where = f"reading the batch of step {step + 1}"
             batch = next(data)
+    stop.where = f"writing checkpoint {step} and the final outputs"
     checkpointer.wait()
     if step == cfg.total_steps:
         held_out = next(pipeline.make_iterator(cfg.data, mesh=mesh, global_batch_size=cfg.batch_size,
