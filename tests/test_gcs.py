@@ -7,7 +7,7 @@ commit_success.txt yet): meanwhile another process (this one) reads its metrics.
 TensorBoard events from the bucket; the restart ignores the uncommitted step, resumes the one
 before and ends bit-identical to the uninterrupted run. Then evaluate / export / embed / stages
 read the uninterrupted run from the bucket and give what they give on a local copy of it.
-The ArrayRecord shards stay local (config.data.path): array_record opens local files only.
+ArrayRecord shards in a bucket: tests/test_data_convert.py (array_record reads gs:// itself).
 """
 
 from __future__ import annotations

@@ -544,9 +544,6 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
             label_key=_get(data_cfg, "label_key"), texts_key=texts_key))
     else:
         files = records.split_files(path, split)
-        if paths.is_remote(path):  # array_record's reader opens local files only
-            raise Ov3Error(f"config.data.path={path}: ArrayRecord shards are read from local paths; mount the "
-                           "bucket read-only (gcsfuse) and set config.data.path to the mounted folder.")
         label_key = _get(data_cfg, "label_key")
         if label_key and records.read_manifest(path).get("label_key") != label_key:
             # Else every example would be skipped as a bad record.
