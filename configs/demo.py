@@ -7,13 +7,20 @@ the same code path as the real configs.
 
     python -m ov3.data.synthetic --out runs/demo_data --size 32
     python -m ov3.main --config configs/demo.py --workdir runs/demo
+
+Demo-scale versions of the paper's ablations:
+    --config.loss.rec_to_encoder=False   only the understanding loss reaches the encoder (Sec. 5.1)
+    --config.loss.und_to_encoder=False   only the reconstruction loss reaches the encoder (Sec. 5.1)
+    configs/demo.py:no_vae               no VAE (Sec. 5.2): mu/8 on pixels, the same 16 tokens
 """
 
 from ov3.config import base_config
 from ov3.data.synthetic import SHAPES
 
 
-def get_config():
+def get_config(arg=None):
+    if arg not in (None, "", "no_vae"):
+        raise ValueError(f"configs/demo.py:{arg}: the only variant is 'no_vae'")
     c = base_config()
     c.seed = 0
     c.image_size = 32
@@ -31,6 +38,7 @@ def get_config():
     c.data.text_len = 16
     c.data.caption_len = 64
     c.data.augment = "center_crop"
+    c.loss.contrastive_texts = ("alt_text", "caption_sentence")  # OpenVision's two positives
     c.data.read_threads = 1              # tiny PNGs: threads only add overhead
     # Held-out evals every 200 steps and after the last (metrics.jsonl: eval/<name>/<metric>);
     # retrieval counts a repeated alt-text as the same text.
@@ -44,4 +52,8 @@ def get_config():
     c.evals.zero_shot = dict(type="zero_shot", templates=[f"a {{}} {shape}" for shape in SHAPES], ks=[1, 2],
                              **colours)
     c.evals.linear_probe = dict(type="linear_probe", train_split="train", **colours)
+    if arg == "no_vae":  # the encoder patchifies pixels: 8 px patches give the 4x4 tokens of VAE x4 + patch 2
+        c.model.update(input="pixels", encoder="mu/8")
+        c.vae.path = ""
+        del c.evals["vae_only"]  # no VAE: its bound is the identity
     return c

@@ -29,8 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stop_grace_s = 300        # after SIGTERM: seconds to reach a step boundary and save before exiting unsaved
     c.nonfinite = "stop"        # "stop": end the run at a non-finite loss/grad; "skip": drop that update
     c.recon_grid_every = 0      # write a PNG grid of held-out reconstructions every N steps (0: at the end)
-    c.init_from = ""            # new stage: params from this run dir's latest checkpoint (or DIR/checkpoints/STEP),
-                                # position embeddings resized, fresh optimizer, step 0 (ov3/stages.py)
+    c.init_from = ""            # params from a run dir's latest checkpoint (or DIR/checkpoints/STEP), position
+                                # tables resized, or from an open_clip checkpoint file/folder (released
+                                # OpenVision 3 weights); fresh optimizer, step 0 (ov3/init_from.py)
 
     # Where numbers go besides DIR/metrics.jsonl and DIR/tensorboard: Weights & Biases when
     # log.wandb.project is set (pip install -e '.[wandb]'); mode "offline" writes DIR/wandb only
@@ -44,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         encoder="B/2", decoder="B/1", text="B",
         noise_tau=0.8,          # sigma ~ U[0, tau] per example on z_u (the RAE paper's 0.8)
+        noise_mode="absolute",  # "absolute" (the paper's); "relative": sigma also times RMS(z_u) per example
+        input="latents",        # "latents": frozen VAE -> ViT; "pixels": no VAE (the paper's Sec. 5.2
+                                # "w/o VAE" ablation): the encoder patchifies pixels, e.g. B/16
         posemb="sincos",        # "sincos" fixed, or "learn"
         remat="none",           # "none" | "full" | "dots"
         dtype="float32",        # compute dtype; params stay float32
@@ -64,6 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
         beta=0.4, alpha=1.0, w_rec=0.5, w_und=1.0,
         lpips=0.0,              # lambda; > 0 needs lpips.vgg_path
         kl=1e-6,                # task="vae" only: KL weight
+        # Contrastive positives per image, averaged (OpenVision's two): "alt_text" (data.text_key)
+        # and "caption_sentence" (one random sentence of data.caption_key, drawn per example).
+        contrastive_texts=("alt_text",),
+        # Paper Sec. 5.1 ablations: False = that branch trains on stop_gradient(z_u), so the encoder
+        # learns from the other branch only while this branch's heads still train.
+        rec_to_encoder=True, und_to_encoder=True,
     ))
     c.lpips = ml_collections.ConfigDict(dict(vgg_path="", heads_path=""))
 
@@ -102,7 +112,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     choices = {"task": ("ov3", "vae"), "nonfinite": ("stop", "skip"),
                "model.posemb": ("sincos", "learn"), "model.remat": ("none", "full", "dots"),
                "model.dtype": ("float32", "bfloat16"), "model.attention_impl": ("xla", "cudnn"),
-               "vae.dtype": ("float32", "bfloat16"),
+               "model.noise_mode": ("absolute", "relative"),
+               "model.input": ("latents", "pixels"), "vae.dtype": ("float32", "bfloat16"),
                "vae.latent_norm": ("scale", "scale_shift"), "optim.mu_dtype": ("float32", "bfloat16"),
                "log.wandb.mode": ("online", "offline", "disabled")}
     for key, allowed in choices.items():
@@ -116,6 +127,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                       "(cuDNN's fused attention takes fp16/bf16 only)")
     if int(cfg.mesh.get("dcn_data", 1)) < 1:
         errors.append(f"config.mesh.dcn_data={cfg.mesh.dcn_data} must be >= 1 (the number of slices or nodes)")
+    from ov3.tasks import CONTRASTIVE_TEXTS
+    texts = tuple(cfg.loss.get("contrastive_texts", ("alt_text",)))
+    if not texts or len(set(texts)) != len(texts) or not set(texts) <= set(CONTRASTIVE_TEXTS):
+        errors.append(f"config.loss.contrastive_texts={texts!r}: use ('alt_text',) or "
+                      "('alt_text', 'caption_sentence') (OpenVision's two positives)")
     if cfg.image_size % 16:
         errors.append(f"config.image_size={cfg.image_size} must be divisible by 16 "
                       "(VAE x8, then ViT patch 2); e.g. 128, 224 or 256")
@@ -124,7 +140,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             errors.append(f"config.{key}={cfg[key]} must be positive")
     if cfg.task == "ov3":
         from ov3.models import registry
-        for key, lookup in (("encoder", registry.vit_size), ("decoder", registry.vit_size),
+        for key, lookup in (("encoder", registry.vit_size), ("decoder", registry.decoder_size),
                             ("text", registry.text_size)):
             try:
                 lookup(cfg.model[key], f"model.{key}")

@@ -157,24 +157,27 @@ def lpips_flops(image_size: int) -> float:
 
 # ----------------------------------------------------------------------------- one example
 
-def ov3_costs(spec: Any, image_size: int, vae: Any, lpips: bool) -> dict[str, Cost]:
+def ov3_costs(spec: Any, image_size: int, vae: Any, lpips: bool, num_texts: int = 1) -> dict[str, Cost]:
     """Per-component costs of one example of the OV3 objective.
 
-    spec: `ov3.models.ov3.ModelSpec`; vae: `ov3.models.vae.VAEConfig`; lpips: whether the
-    LPIPS term is on (config.loss.lpips > 0)."""
+    spec: `ov3.models.ov3.ModelSpec`; vae: `ov3.models.vae.VAEConfig`, or `PixelSpace` for the
+    no-VAE ablation (no VAE terms); lpips: whether the LPIPS term is on (config.loss.lpips > 0);
+    num_texts: contrastive positives per image (len(config.loss.contrastive_texts))."""
+    from ov3.models.vae import PixelSpace
     grid = image_size // vae.downsample_factor
     c = spec.latent_channels
+    pixels = isinstance(vae, PixelSpace)
     costs = {
-        "vae_encode": Cost(vae_encode_flops(vae, image_size), 1),
+        "vae_encode": None if pixels else Cost(vae_encode_flops(vae, image_size), 1),
         "encoder": Cost(encoder_flops(spec.encoder, grid, c), 3),
-        "text": Cost(text_flops(spec.text, spec.encoder, spec.text_len), 3),
+        "text": Cost(num_texts * text_flops(spec.text, spec.encoder, spec.text_len), 3),
         "caption": Cost(caption_flops(spec.text, spec.encoder, grid, spec.caption_len, spec.vocab_size), 3),
         "decoder": Cost(decoder_flops(spec.decoder, spec.encoder, grid, c), 3),
-        "vae_decode": Cost(vae_decode_flops(vae, image_size), 2),
+        "vae_decode": None if pixels else Cost(vae_decode_flops(vae, image_size), 2),
     }
     if lpips:  # VGG on x (forward) and on x_hat (forward + input grads): 3 forward passes' worth
         costs["lpips"] = Cost(lpips_flops(image_size), 3)
-    return costs
+    return {k: v for k, v in costs.items() if v is not None}
 
 
 def vae_task_costs(vae: Any, image_size: int, lpips: bool) -> dict[str, Cost]:
@@ -192,9 +195,9 @@ def task_costs(cfg: Any, task: Any, cached_latents: bool = False) -> dict[str, C
     lpips = cfg.loss.lpips > 0
     if cfg.task == "vae":
         return vae_task_costs(task.vae.config, cfg.image_size, lpips)
-    costs = ov3_costs(task.spec, cfg.image_size, task.vae.config, lpips)
+    costs = ov3_costs(task.spec, cfg.image_size, task.vae.config, lpips, len(cfg.loss.contrastive_texts))
     if cached_latents:
-        del costs["vae_encode"]
+        costs.pop("vae_encode", None)
     return costs
 
 

@@ -9,14 +9,15 @@
 `pooled` (B, E) is the contrastive embedding (not normalised: L2-normalise for cosine
 similarity); `tokens` (B, N, W) are the unified tokens z_u, the last block's patch tokens
 before any LayerNorm. Images go through the frozen VAE named by config.vae.path (posterior
-mean, then config.vae.latent_norm), exactly as in training. The VAE and the tokenizer are
+mean, then config.vae.latent_norm), exactly as in training; a model.input="pixels" run (no
+VAE) takes the pixels themselves. The VAE and the tokenizer are
 loaded on first use, so `encode_latents` needs neither.
 """
 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import os
 from typing import Any, Sequence
 
 import jax
@@ -31,7 +32,7 @@ from ov3.models.ov3 import ModelSpec, OV3Model
 
 class Encoder:
     def __init__(self, config: ml_collections.ConfigDict, params: dict[str, Any], *,
-                 vae_path: str | None = None, tokenizer_path: str | Path | None = None):
+                 vae_path: str | None = None, tokenizer_path: str | os.PathLike | None = None):
         self.config = config
         self.spec: ModelSpec = load.model_spec(config, params)
         self.latent_grid = load.latent_grid(params)
@@ -45,7 +46,7 @@ class Encoder:
         self._text = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=OV3Model.encode_text))
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, step: int | None = None, *, vae_path: str | None = None) -> "Encoder":
+    def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None, *, vae_path: str | None = None) -> "Encoder":
         """`vae_path` overrides config.vae.path (e.g. the VAE lives elsewhere on this machine)."""
         config, params = load.load_params(workdir, step)
         return cls(config, params, vae_path=vae_path, tokenizer_path=load.tokenizer_file(workdir, config))
@@ -105,7 +106,10 @@ class Encoder:
 
     @functools.cached_property
     def vae(self) -> Any:
+        from ov3.models import vae as vae_lib
         from ov3.models import vae_weights
+        if self.config.model.get("input", "latents") == "pixels":  # trained without a VAE
+            return vae_lib.Identity()
         if not self.vae_path:
             raise Ov3Error("config.vae.path is empty, so there is no VAE to encode images with; pass "
                            "vae_path= to Encoder.from_workdir (the diffusers folder or FLUX ae.safetensors "

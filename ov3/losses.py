@@ -1,7 +1,7 @@
 """The OpenVision 3 objective (paper Eq. 3-6) as pure functions of arrays.
 
     L_rec = L1(x, x_hat) + beta * L1(z_vae, z_hat) + lambda * LPIPS(x, x_hat)
-    L_und = L_caption + alpha * L_contrastive
+    L_und = L_caption + alpha * L_contrastive,  L_contrastive = mean_k CLIP(image, text_k)
     L     = w_rec * L_rec + w_und * L_und
 
 Every function reduces over the *global* batch: under `jit` with a sharded batch XLA inserts
@@ -17,22 +17,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
-MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps exp(logit_scale) at 100.
+# open_clip's bound on exp(logit_scale), applied to the parameter after each update
+# (`ov3.tasks.OV3Task.constrain`), never in the forward pass: a forward clip has zero gradient
+# past the bound, so the parameter could stay there for good.
+MAX_LOGIT_SCALE = math.log(100.0)
 
 
 def l1(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
 
 
-def clipped_logit_scale(logit_scale: jax.Array) -> jax.Array:
-    return jnp.clip(logit_scale, 0.0, MAX_LOGIT_SCALE)
-
-
 def contrastive(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
-    """Symmetric CLIP softmax loss; row i of each embedding is a positive pair."""
+    """Symmetric CLIP softmax loss; row i of each embedding is a positive pair.
+
+    text_emb (B, E), or (B, K, E) for K positives per image (OpenVision: the alt-text and a
+    sentence of the synthetic caption): the mean of the K CLIP losses against the same images,
+    each text set with its own in-batch negatives."""
+    if text_emb.ndim == 3:
+        return jnp.mean(jnp.stack([contrastive(image_emb, text_emb[:, k], logit_scale)
+                                   for k in range(text_emb.shape[1])]))
     img = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
     txt = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
-    logits = jnp.exp(clipped_logit_scale(logit_scale)) * img @ txt.T
+    logits = jnp.exp(logit_scale) * img @ txt.T
     labels = jnp.arange(logits.shape[0])
     i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)

@@ -7,7 +7,7 @@ frozen, and the loss. `ov3/train.py` is the same loop and the same jitted step f
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -45,8 +45,15 @@ def lpips_apply(cfg: ml_collections.ConfigDict) -> Any:
     return functools.partial(lpips_lib.lpips_fn, dtype=jnp.dtype(cfg.model.dtype))
 
 
+# config.loss.contrastive_texts entries -> the batch key holding those ids (ov3.data.pipeline).
+CONTRASTIVE_TEXTS = {"alt_text": "text", "caption_sentence": "caption_sentence"}
+
+
 class OV3Task:
-    """The joint objective: L = w_rec*(L1(x,x^) + beta*L1(z,z^) + lambda*LPIPS) + w_und*(L_cap + alpha*L_con)."""
+    """The joint objective: L = w_rec*(L1(x,x^) + beta*L1(z,z^) + lambda*LPIPS) + w_und*(L_cap + alpha*L_con).
+
+    With model.input="pixels" (the paper's "w/o VAE" ablation) the VAE is the identity: the
+    encoder patchifies pixels, the decoder predicts pixel patches and the latent term is dropped."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, vae: "vae_lib.VAE", vocab_size: int, pad_id: int):
         self.cfg = cfg
@@ -63,6 +70,7 @@ class OV3Task:
             raise Ov3Error(f"config.image_size={cfg.image_size} must be a multiple of {factor * patch}: the VAE "
                            f"downsamples x{factor} and model.encoder={cfg.model.encoder!r} has patch {patch}.")
         self.latent_size = cfg.image_size // factor
+        self.pixels = cfg.model.input == "pixels"
 
     def frozen_params(self) -> dict[str, Any]:
         frozen = {"vae": self.vae.params}
@@ -88,26 +96,38 @@ class OV3Task:
         c = self.cfg.loss
         x = image_to_float(batch["image"])
         z = self.encode(frozen, batch)
-        out = self.model.apply({"params": params}, z, batch["text"], batch["caption"], rngs={"noise": rng})
+        # (B, K, L): every contrastive positive of an example, encoded in one text-tower call.
+        texts = jnp.stack([batch[CONTRASTIVE_TEXTS[k]] for k in c.contrastive_texts], axis=1)
+        out = self.model.apply({"params": params}, z, texts, batch["caption"], rngs={"noise": rng},
+                               rec_to_encoder=c.rec_to_encoder, und_to_encoder=c.und_to_encoder)
         with jax.named_scope("vae_decode"):
             x_hat = self.vae.decode_fn(frozen["vae"], out["latents_hat"])
         terms = {
             "loss/rec_pixel_l1": losses.l1(x, x_hat),
-            "loss/rec_latent_l1": losses.l1(z, out["latents_hat"]),
             "loss/contrastive": losses.contrastive(out["image_emb"], out["text_emb"], out["logit_scale"]),
             "loss/caption": losses.caption(out["caption_logits"], batch["caption"], self.pad_id),
+            "stats/z_u_rms": out["z_u_rms"],
+            "stats/noise_rel": out["noise_rel"],
         }
-        rec = terms["loss/rec_pixel_l1"] + c.beta * terms["loss/rec_latent_l1"]
+        rec = terms["loss/rec_pixel_l1"]
+        if not self.pixels:  # on pixels the latent term would be the pixel term again
+            terms["loss/rec_latent_l1"] = losses.l1(z, out["latents_hat"])
+            rec = rec + c.beta * terms["loss/rec_latent_l1"]
         if self.lpips is not None:
             with jax.named_scope("lpips"):
                 terms["loss/lpips"] = jnp.mean(self.lpips[0](frozen["lpips"], x, x_hat))
             rec = rec + c.lpips * terms["loss/lpips"]
         und = terms["loss/caption"] + c.alpha * terms["loss/contrastive"]
         terms["loss/rec"], terms["loss/und"] = rec, und
-        scale = jnp.exp(losses.clipped_logit_scale(out["logit_scale"]))
+        scale = jnp.exp(out["logit_scale"])
         terms["logit_scale"] = scale
         terms["temperature"] = 1.0 / scale
         return c.w_rec * rec + c.w_und * und, terms
+
+    def constrain(self, params: Any) -> Any:
+        """Applied to the params after every update: exp(logit_scale) kept in [1, 100] as open_clip
+        clamps it (a clamp on the parameter, so the loss can always pull it back)."""
+        return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, losses.MAX_LOGIT_SCALE)}
 
     def reconstruct(self, params: Any, frozen: dict[str, Any], images: jax.Array) -> jax.Array:
         """Noise-free image -> VAE -> encoder -> decoder -> VAE decoder, for grids and evals."""
@@ -132,6 +152,9 @@ class VAETask:
     def frozen_params(self) -> dict[str, Any]:
         return {} if self.lpips is None else {"lpips": self.lpips[1]}
 
+    def constrain(self, params: Any) -> Any:
+        return params
+
     def init(self, rng: jax.Array) -> Any:
         del rng  # the VAE object already holds its (loaded or randomly initialised) params
         return self.vae.params
@@ -153,7 +176,7 @@ class VAETask:
         mean, _ = self.vae.posterior(params, image_to_float(images))
         return self.vae.decode_raw_fn(params, mean)
 
-    def save_vae(self, params: Any, images: jax.Array, out_dir: pathlib.Path) -> pathlib.Path:
+    def save_vae(self, params: Any, images: jax.Array, out_dir: os.PathLike) -> os.PathLike:
         """Write the fitted VAE in diffusers layout (loadable by diffusers and `vae_weights.from_pretrained`),
         with `scaling_factor` = 1 / std of the posterior means on `images`, the same recipe that
         gave SD its 0.18215, so the ViT sees unit-variance latents."""

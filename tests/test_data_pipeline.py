@@ -130,6 +130,36 @@ def test_resume_gives_the_exact_next_batches(shapes):
     assert resumed.get_state()["consumed"] == 64
 
 
+def test_caption_sentence_and_colour_jitter_resume_exactly(shapes):
+    """The second contrastive positive (one sentence of the caption) and the colour jitter are
+    drawn from (seed, stream position), like the crop: a resumed run draws the same ones."""
+    cfg = _cfg(shapes, color_jitter=0.4, grayscale=0.2)
+
+    def it(c=cfg):
+        return pipeline.make_process_iterator(c, mesh=None, global_batch_size=8, image_size=SIZE, split="train",
+                                              train=True, seed=0, tokenizer=None, process_index=0,
+                                              process_count=1, caption_sentence=True)
+    full = _take(it(), 6)
+    first = it()
+    _take(first, 2)
+    resumed = it()
+    resumed.set_state(json.loads(json.dumps(first.get_state())))
+    assert _same(full[2:], _take(resumed, 4))
+    tok = first.tokenizer
+    picks = []
+    for b in full[:5]:  # one epoch
+        for caption, sentence in zip(b["caption"], b["caption_sentence"]):
+            sentences = pipeline.caption_sentences(tok.decode(caption))
+            assert tok.decode(sentence) in sentences
+            picks.append(sentences.index(tok.decode(sentence)))
+    assert len(set(picks)) > 2  # not always the same sentence
+    # Jitter changes pixels only; without it the same crops, texts and sentences come back.
+    plain = _take(it(_cfg(shapes)), 1)[0]
+    assert not np.array_equal(plain["image"], full[0]["image"])
+    assert all(np.array_equal(plain[k], full[0][k]) for k in ("text", "caption", "caption_sentence"))
+    assert pipeline.caption_sentences("A dog. It runs!! Fast...  ") == ["A dog", "It runs", "Fast"]
+
+
 def test_processes_split_every_epoch(shapes):
     cfg = _cfg(shapes, augment="center_crop")  # pixels kept, so rows can be identified
     ids = _image_ids("train", N_TRAIN)

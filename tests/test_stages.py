@@ -1,14 +1,16 @@
-"""Stage handoff on tiny shapes: a 16 px run's params start a 32 px run (no train step compiled)."""
+"""`config.init_from` on tiny shapes: a 16 px run's params start a 32 px run (no train step compiled),
+and a run starts from an open_clip checkpoint."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from ov3 import checkpoint as ckpt_lib
-from ov3 import sharding, stages, train
+from ov3 import init_from, sharding, stages, train
 from ov3.errors import Ov3Error
 from ov3.models.layers import sincos_2d
 from ov3.models.vit import cls_and_sincos
@@ -76,7 +78,7 @@ def test_finetune_at_32px_starts_from_the_16px_params(assets, pretrained):
     cfg = tiny_config(data, vae, image_size=32, **{"data.text_len": 20})  # grid 4x4 -> 8x8; text 16 -> 20
     trainer = trainer_for(cfg)
     fresh = random_state(trainer, seed=1, step=0)
-    state = stages.init_from(trainer, fresh, str(run_dir))
+    state = init_from.apply(trainer, fresh, str(run_dir))
 
     new, old = flat(jax.device_get(state.params)), flat(saved)
     tables = {"['encoder']['positional_embedding']", "['decoder']['positional_embedding']",
@@ -101,12 +103,12 @@ def test_finetune_at_32px_starts_from_the_16px_params(assets, pretrained):
 def test_learned_tables_are_interpolated():
     # bicubic/linear resizing keeps a constant table constant; the class row is carried over
     saved = np.concatenate([np.full((1, 8), 5.0), np.full((16, 8), 2.0)]).astype(np.float32)
-    grid = stages.adapt(saved, (65, 8), "grid", fixed=False)
+    grid = init_from.adapt(saved, (65, 8), "grid", fixed=False)
     assert grid.shape == (65, 8)
     np.testing.assert_allclose(grid[0], 5.0)
     np.testing.assert_allclose(grid[1:], 2.0, rtol=1e-5)
     ramp = np.linspace(0, 1, 16, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
-    seq = stages.adapt(ramp, (31, 4), "seq", fixed=False)
+    seq = init_from.adapt(ramp, (31, 4), "seq", fixed=False)
     assert seq.shape == (31, 4) and np.all(np.diff(seq[:, 0]) >= 0)  # still monotone
 
 
@@ -117,15 +119,15 @@ def test_another_model_is_a_clear_error(pretrained):
     del fresh["logit_scale"]
     with pytest.raises(Ov3Error, match=r"2 mismatches(.|\n)*caption/head/kernel: saved \(64, 32000\), expected "
                                        r"\(64, 99\)(.|\n)*logit_scale: in the checkpoint, not in this model"):
-        stages.merge(saved, fresh, "sincos")
+        init_from.merge(saved, fresh, "sincos")
 
 
 def test_checkpoint_dir(pretrained, tmp_path):
     run_dir, _ = pretrained
-    assert stages.checkpoint_dir(str(run_dir)).name == "4"  # tiny_config: total_steps 4
-    assert stages.checkpoint_dir(str(run_dir / "checkpoints" / "4")).name == "4"
+    assert init_from.checkpoint_dir(str(run_dir)).name == "4"  # tiny_config: total_steps 4
+    assert init_from.checkpoint_dir(str(run_dir / "checkpoints" / "4")).name == "4"
     with pytest.raises(Ov3Error, match="has no finished checkpoint"):
-        stages.checkpoint_dir(str(tmp_path))
+        init_from.checkpoint_dir(str(tmp_path))
 
 
 def test_one_command_runs_both_stages(assets, pretrained, tmp_path, monkeypatch):
@@ -144,3 +146,53 @@ def test_one_command_runs_both_stages(assets, pretrained, tmp_path, monkeypatch)
     (tmp_path / "again" / "pretrain").symlink_to(run_dir)
     stages.run(tiny_config(data, vae), tiny_config(data, vae, image_size=32), str(tmp_path / "again"))
     assert [c[0] for c in calls] == [32]
+
+
+def test_init_from_open_clip_checkpoint_trains_from_its_weights(tmp_path):
+    """--config.init_from=<open_clip file>: a released-layout checkpoint (written here by the open_clip
+    export of random weights) starts a run; one step at learning rate 0 keeps the params the step
+    used, whose tokens equal real open_clip's on the same latents (2 steps: optax needs a decay step)."""
+    from ov3.data.tokenizer import Tokenizer
+    from ov3.export import import_open_clip, load
+    from ov3.export import open_clip as oc_export
+    from ov3.inference import Encoder
+    from ov3.models.ov3 import ModelSpec
+    from tests.helpers import make_assets
+    from tests.test_export_open_clip import real_open_clip
+    torch = pytest.importorskip("torch")
+    data, vae = make_assets(tmp_path / "assets")
+    cfg = tiny_config(data, vae, total_steps=2, checkpoint_every=2, **{"optim.base_lr": 0.0})
+    grid = cfg.image_size // 2   # the tiny VAE downsamples x2
+    spec = ModelSpec.from_config(cfg.model, vocab_size=Tokenizer.from_file(str(data / "tokenizer.json")).vocab_size,
+                                 text_len=cfg.data.text_len, caption_len=cfg.data.caption_len, latent_channels=16)
+    rng = np.random.default_rng(7)
+    params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32),
+                          load.abstract_params(spec, grid))
+    released = tmp_path / "released"
+    card_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    card_cfg.vae_config = dict(TINY_VAE)   # what the card states about the VAE (ov3.export.card)
+    oc_export.export(released, card_cfg, params, spec, None)
+    cfg.init_from = str(released / oc_export.WEIGHTS_NAME)
+    assert init_from.open_clip_file(str(released)) == released / oc_export.WEIGHTS_NAME   # the folder works too
+
+    last = train.train(cfg, tmp_path / "run")
+    assert np.isfinite(last["loss"]) and last["nonfinite_skipped"] == 0
+    encoder = Encoder.from_workdir(tmp_path / "run")
+    imported = import_open_clip.load(released / oc_export.WEIGHTS_NAME, spec, grid)
+    for tower in ("encoder", "text"):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(encoder.params[tower]), imported[tower])
+
+    open_clip = real_open_clip()
+    import importlib.util   # the loader file shipped in the folder
+    loader_spec = importlib.util.spec_from_file_location("load_ov3_open_clip", released / oc_export.LOADER_NAME)
+    loader = importlib.util.module_from_spec(loader_spec)
+    loader_spec.loader.exec_module(loader)
+    assert loader.open_clip is open_clip
+    model = loader.load(released)
+    latents = rng.standard_normal((2, grid, grid, 16)).astype(np.float32)
+    _, tokens = encoder.encode_latents(latents)
+    with torch.no_grad():
+        _, want = loader.encode_image_tokens(model, torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()))
+    err = float(np.max(np.abs(np.asarray(tokens) - want.numpy())))
+    print(f"first-step tokens vs open_clip: max abs error {err:.2e}")
+    assert err <= 1e-4

@@ -96,6 +96,11 @@ def test_ov3_b_flops_at_128px():
     assert costs["vae_decode"].train / 1e9 == pytest.approx(264.21, abs=0.01)
     assert flops.train_flops_per_example(costs) / 1e9 == pytest.approx(476.50, abs=0.01)
     assert "lpips" not in costs
+    # OpenVision's second contrastive positive (the recipe's default) runs the text tower twice.
+    assert cfg.loss.contrastive_texts == ("alt_text", "caption_sentence")
+    two = flops.ov3_costs(spec, cfg.image_size, summary.vae_config(cfg), lpips=False, num_texts=2)
+    assert two["text"].train == 2 * costs["text"].train
+    assert flops.train_flops_per_example(two) / 1e9 == pytest.approx(476.50 + costs["text"].train / 1e9, abs=0.01)
 
 
 def test_bench_reference_and_grid(tiny_vae):
@@ -129,3 +134,30 @@ def test_vocab_size_is_the_config_tokenizers_when_on_disk(tmp_path, tiny_vae):
     tok = train_wordpiece(["a red circle", "two blue squares"] * 4, vocab_size=100,
                           out_path=str(tmp_path / "tokenizer.json"))
     assert summary.vocab_size(cfg) == tok.vocab_size <= 100
+
+
+def test_plot_overlays_runs_one_panel_per_term(tmp_path):
+    """Two runs written by the real MetricWriter (a resumed step logged twice, evaluations in rows
+    of their own): every loss, stats and eval key gets a panel, both runs in it."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from ov3 import metrics as metrics_lib
+    from ov3.tools import plot
+    for name, slope in (("full", 1.0), ("only_rec", 0.0)):
+        (tmp_path / name).mkdir()
+        writer = metrics_lib.MetricWriter(tmp_path / name)
+        for step in (10, 20, 20, 30):
+            writer.scalars(step, {"loss": 5 - slope * step / 10, "loss/contrastive": 4 - slope * step / 10,
+                                  "stats/z_u_rms": 1.0, "lr": 1e-3, "images_per_s": 100.0})
+        writer.scalars(30, {"eval/retrieval/i2t_r1": 0.1 + slope * 0.2, "eval/retrieval/time_s": 3.0})
+        writer.close()
+    runs = {name: plot.read_run(tmp_path / name) for name in ("full", "only_rec")}
+    assert runs["full"]["loss/contrastive"] == [(10, 3.0), (20, 2.0), (30, 1.0)]  # step 20 once
+    out = tmp_path / "curves.png"
+    plot.main(["--workdir", str(tmp_path / "full"), "--workdir", str(tmp_path / "only_rec"), "--out", str(out)])
+    keys = plot.plot(runs, out)
+    assert keys == ["loss", "loss/contrastive", "stats/z_u_rms", "eval/retrieval/i2t_r1"]
+    assert Image.open(out).size == (4 * 4 * 110, 3 * 110)
+    with pytest.raises(SystemExit):
+        plot.main(["--workdir", str(tmp_path / "nope"), "--out", str(out)])

@@ -6,7 +6,8 @@
                       #  "caption": i32[B,caption_len]}  (+ "mask": bool[B] if not train,
                       #  "label": i32[B] with label_key, "latent": bf16[B,h,w,c] with
                       #  use_cached_latents, "texts": i32[B,K,text_len] + "num_texts":
-                      #  i32[B] with texts_key=, max_texts=K: several captions an image)
+                      #  i32[B] with texts_key=, max_texts=K: several captions an image,
+                      #  "caption_sentence": i32[B,text_len] with caption_sentence=True)
     state = it.get_state()   # JSON-serialisable; it.set_state(state) resumes exactly
     it.stats()               # {"bad_record": 0, "corrupt_image": 2, ...} skipped so far
 
@@ -34,12 +35,19 @@
                 inception_crop) or "center_crop"; eval always centre-crops
   rrc_area      [(0.4, 1.0)] crop area as a fraction of the image (area_min=40)
   rrc_ratio     [(3/4, 4/3)] crop aspect ratio range
+  color_jitter  [0.0] training only: strength s of SimCLR's colour jitter (color_augment;
+                OpenVision's simclr_jitter_gray uses 0.4). 0 = off
+  grayscale     [0.0] training only: probability of a grayscale image, 3 channels kept
+                (OpenVision: 0.2, with the jitter)
   num_epochs    [None] training passes; None repeats forever
   worker_count  [-1] grain worker processes; 0 decodes in this process; -1: chosen for
                 the platform (`auto_worker_count`: none on CPU, one per 4 cores on a
                 GPU/TPU host). Programs using
                 workers need an `if __name__ == "__main__":` guard (spawned workers)
-  read_threads  [8] threads per process (or per worker) reading and decoding
+  read_threads  [32] threads per process (or per worker) reading and decoding: enough reads
+                in flight to hide a bucket's ~30 ms per read (data.path=gs://..., read by
+                array_record directly, or a gcsfuse mount) at ~900 img/s per process
+                (python -m ov3.tools.bench_data --read-latency-ms 0,30)
   prefetch      [256] examples buffered ahead per process
   max_pixels    [64 Mi] images with more pixels are skipped (decompression bombs)
   min_side      [8] images with a shorter side are skipped
@@ -53,7 +61,10 @@ What happens, in order:
      repeat; eval: file order, one pass.
   2. decode + crop + tokenise each example, its crop RNG seeded by (seed, position in
      that global stream) — so the result depends neither on the worker count nor on
-     the process count. JPEGs decode at 1/2–1/8 scale (in libjpeg) when every possible
+     the process count, and a resumed run draws what an uninterrupted one would. The
+     same holds for the colour jitter and for the caption sentence (with
+     caption_sentence=True: one sentence of the caption, split on runs of "." and "!" as
+     OpenVision does, tokenised to text_len for the contrastive tower's second positive). JPEGs decode at 1/2–1/8 scale (in libjpeg) when every possible
      crop still keeps >= image_size pixels a side: several times faster for large
      photos at 128 px;
   3. global batch k is positions [kB, (k+1)B) of the stream (B = global batch size);
@@ -82,6 +93,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -92,13 +104,18 @@ import ml_dtypes
 import numpy as np
 from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image, ImageEnhance
 
+from ov3 import paths
 from ov3.data import decode, records, shapes
 from ov3.data.tokenizer import Tokenizer
 from ov3.errors import Ov3Error
 
 AUGMENTS = ("rrc", "center_crop")
 SKIP_WINDOW = 1000  # examples: the first ones a process reads, and the longest run of skips allowed
+# Independent RNG streams per example, each seeded by (seed, stream position, stream id), so
+# turning one option on does not change what another draws.
+_SENTENCE_STREAM, _COLOUR_STREAM = 1, 2
 SOURCES = ("arrayrecord", "tfds")
 
 
@@ -114,8 +131,9 @@ def default_config() -> ml_collections.ConfigDict:
         "text_key": "alt_text", "caption_key": "caption",
         "text_len": 80, "caption_len": 128,
         "augment": "rrc", "rrc_area": (0.4, 1.0), "rrc_ratio": (3 / 4, 4 / 3),
+        "color_jitter": 0.0, "grayscale": 0.0,  # training only; 0 = off
         "num_epochs": ml_collections.config_dict.placeholder(int),
-        "worker_count": -1, "read_threads": 8, "prefetch": 256,
+        "worker_count": -1, "read_threads": 32, "prefetch": 256,
         "max_pixels": decode.DEFAULT_MAX_PIXELS, "min_side": 8,
         "max_skip_fraction": 0.5,  # of the first SKIP_WINDOW examples (or SKIP_WINDOW in a row)
     })
@@ -150,6 +168,31 @@ def image_to_float(images: Any) -> Any:
 
 # --- one example -------------------------------------------------------------------
 
+def caption_sentences(caption: str) -> list[str]:
+    """The sentences of a caption: split on runs of "." and "!", blank pieces dropped (OpenVision)."""
+    return [p.strip() for p in re.split(r"[.!]+", caption) if p.strip()]
+
+
+def color_augment(img: Image.Image, rng: np.random.Generator, strength: float, grayscale: float) -> Image.Image:
+    """SimCLR (v2) colour distortion at `strength` s, as OpenVision's simclr_jitter_gray: with
+    probability 0.8, brightness, contrast and saturation factors in [1 - 0.8s, 1 + 0.8s] and a hue
+    shift of up to 0.2s of the colour wheel (in this fixed order; SimCLR shuffles it); then
+    grayscale with probability `grayscale`."""
+    if strength > 0 and rng.uniform() < 0.8:
+        lo, hi = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(lo, hi))
+        img = ImageEnhance.Contrast(img).enhance(rng.uniform(lo, hi))
+        img = ImageEnhance.Color(img).enhance(rng.uniform(lo, hi))
+        shift = round(rng.uniform(-0.2 * strength, 0.2 * strength) * 256)
+        if shift:
+            hsv = np.asarray(img.convert("HSV")).copy()
+            hsv[..., 0] = (hsv[..., 0].astype(np.int32) + shift) % 256
+            img = Image.fromarray(hsv, "HSV").convert("RGB")
+    if grayscale > 0 and rng.uniform() < grayscale:
+        img = img.convert("L").convert("RGB")
+    return img
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     """Record → {"image": u8[S,S,3], "text", "caption"(, "label", "latent")} or {"skip": i}.
@@ -174,6 +217,9 @@ class Preprocess:
     latent_shape: tuple[int, ...] | None = None  # cached latents: their (h, w, c)
     texts_key: str = ""  # a field with several texts: "texts" [max_texts, text_len], "num_texts"
     max_texts: int = 0
+    caption_sentence: bool = False  # also "caption_sentence": one random sentence of the caption
+    color_jitter: float = 0.0
+    grayscale: float = 0.0
 
     def spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         """{output key: (per-example shape, dtype)}: what a batch stacks."""
@@ -187,6 +233,8 @@ class Preprocess:
         if self.texts_key:
             spec["texts"] = ((self.max_texts, self.text_len), np.int32)
             spec["num_texts"] = ((), np.int32)
+        if self.caption_sentence:
+            spec["caption_sentence"] = ((self.text_len,), np.int32)
         return spec
 
     def draft_side(self) -> int:
@@ -236,6 +284,14 @@ class Preprocess:
             img = shapes.random_resized_crop(img, self.image_size, rng, self.rrc_area, self.rrc_ratio)
         else:
             img = shapes.center_crop(img, self.image_size)
+        if self.color_jitter > 0 or self.grayscale > 0:
+            img = color_augment(img, np.random.default_rng([self.seed, index, _COLOUR_STREAM]),
+                                self.color_jitter, self.grayscale)
+        if self.caption_sentence:
+            # A caption without a sentence falls back to the alt-text, as OpenVision's does.
+            sentences = caption_sentences(caption) or [text]
+            pick = np.random.default_rng([self.seed, index, _SENTENCE_STREAM]).integers(len(sentences))
+            out["caption_sentence"] = self.tokenizer.encode(sentences[pick], self.text_len)
         return {"image": np.asarray(img, np.uint8),
                 "text": self.tokenizer.encode(text, self.text_len),
                 "caption": self.tokenizer.encode(caption, self.caption_len), **out}
@@ -446,21 +502,23 @@ def _check_fields(source: Any, path: str, split: str, keys: dict[str, str], look
 def make_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | None,
                   global_batch_size: int, image_size: int, split: str, train: bool,
                   seed: int, tokenizer: Tokenizer | None = None, texts_key: str = "",
-                  max_texts: int = 0) -> BatchIterator:
+                  max_texts: int = 0, caption_sentence: bool = False) -> BatchIterator:
     """The batch iterator for this process (see the module docstring). `texts_key`: a field
-    with several texts per image (retrieval benchmarks), tokenized into `max_texts` rows."""
+    with several texts per image (retrieval benchmarks), tokenized into `max_texts` rows.
+    `caption_sentence`: batches also hold one random sentence of each caption."""
     return make_process_iterator(
         data_cfg, mesh=mesh, global_batch_size=global_batch_size, image_size=image_size,
         split=split, train=train, seed=seed, tokenizer=tokenizer,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        texts_key=texts_key, max_texts=max_texts)
+        texts_key=texts_key, max_texts=max_texts, caption_sentence=caption_sentence)
 
 
 def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | None,
                           global_batch_size: int, image_size: int, split: str,
                           train: bool, seed: int, tokenizer: Tokenizer | None,
                           process_index: int, process_count: int, texts_key: str = "",
-                          max_texts: int = 0, read_latency_ms: float = 0) -> BatchIterator:
+                          max_texts: int = 0, caption_sentence: bool = False,
+                          read_latency_ms: float = 0) -> BatchIterator:
     """`make_iterator` with the process explicit (tests simulate several processes).
     `read_latency_ms` > 0 delays every record read by that much (ov3.tools.bench_data: what
     a GCS range read costs, to check that the read threads hide it)."""
@@ -490,8 +548,7 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
         raise Ov3Error(f"global_batch_size={global_batch_size} is not divisible by the "
                        f"{process_count} processes; change the batch size.")
     if tokenizer is None:
-        tokenizer = Tokenizer.from_file(_get(data_cfg, "tokenizer")
-                                        or os.path.join(path, "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(_get(data_cfg, "tokenizer") or str(paths.path(path) / "tokenizer.json"))
     sharding = None
     if mesh is not None:
         missing = {"data", "fsdp"} - set(mesh.axis_names)
@@ -538,7 +595,11 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
         rrc_ratio=tuple(_get(data_cfg, "rrc_ratio")),
         max_pixels=_get(data_cfg, "max_pixels"), min_side=_get(data_cfg, "min_side"),
         image_key=_get(data_cfg, "image_key"), label_key=_get(data_cfg, "label_key"),
-        latent_shape=latent_shape, texts_key=texts_key, max_texts=max_texts)
+        latent_shape=latent_shape, texts_key=texts_key, max_texts=max_texts,
+        caption_sentence=caption_sentence,
+        # Colour augmentation in training only, and not on cached latents (fixed crops).
+        color_jitter=_get(data_cfg, "color_jitter") if train and latent_shape is None else 0.0,
+        grayscale=_get(data_cfg, "grayscale") if train and latent_shape is None else 0.0)
     per_process_batch = global_batch_size // process_count
     block = process_index
     if sharding is not None and (process_index, process_count) == (jax.process_index(), jax.process_count()):

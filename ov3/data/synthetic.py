@@ -7,8 +7,10 @@ The attributes are chosen to be easy to tell apart at 64 px, so a small model le
 image↔text retrieval in minutes on a CPU.
 
     alt_text: "two red circles and a blue square"
-    caption:  "a small image showing two small red circles at the top left and on the
-               right and a large blue square in the centre on a light gray background"
+    caption:  "a small image on a light gray background. two small red circles at the top
+               left and on the right. a large blue square in the centre."
+(several sentences, as the LLaVA recaptions are, so that the caption-sentence positive of
+the contrastive loss has something to draw from; any one of them describes part of the image)
 
 Example i of a split is drawn from its own RNG, seeded by (seed, split, i): the same
 seed gives byte-identical PNGs and texts, and a larger --num-train only appends.
@@ -136,8 +138,7 @@ def make_example(seed: int, split: str, index: int, size: int = 64, one_group: b
         "key": f"{split}-{index:07d}",
         "image": buf.getvalue(),
         "alt_text": _join(alt_parts),
-        "caption": (f"a small image showing {_join(caption_parts)} "
-                    f"on a {background} background"),
+        "caption": ". ".join([f"a small image on a {background} background", *caption_parts]) + ".",
     }
     if one_group:
         example["label"] = int(kinds[0]) // len(SHAPES)

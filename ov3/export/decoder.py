@@ -48,7 +48,8 @@ LOAD_DOC = """## Load (plain PyTorch)
 
 `LatentDecoder` is a `torch.nn.Module` with huggingface_hub's `PyTorchModelHubMixin`, so
 `from_pretrained` takes this folder or its Hub repo id. The class is `ov3.export.decoder_torch`
-(`pip install ov3`; importing it does not import JAX), also copied here as `ov3_latent_decoder.py`.
+in an ov3 checkout (`pip install -e .`; importing it needs torch and huggingface_hub, not JAX);
+the same file is copied here as `ov3_latent_decoder.py` for use without ov3.
 
 ```python
 from ov3.export.decoder_torch import LatentDecoder

@@ -37,8 +37,9 @@ class LatentDecoder(nn.Module):
         x = x + jax.lax.stop_gradient(pos).astype(x.dtype)
         x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype, self.attention,
                         name="transformer")(x)
-        x = LayerNorm(self.dtype, name="ln_post")(x)
+        # The output layer in float32 whatever the compute dtype: it sets the reconstruction's precision.
+        x = LayerNorm(jnp.float32, name="ln_post")(x)
         p, c = self.out_patch, self.latent_channels
-        x = nn.Dense(p * p * c, dtype=self.dtype, name="head",
+        x = nn.Dense(p * p * c, dtype=jnp.float32, name="head",
                      kernel_init=dense_init(("embed", None)), bias_init=zeros_init((None,)))(x)
         return einops.rearrange(x, "b (h w) (p q c) -> b (h p) (w q) c", h=grid, p=p, q=p, c=c)

@@ -142,8 +142,11 @@ class Transformer(nn.Module):
 def sincos_2d(grid: int, width: int) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding (grid*grid, width), row-major over the grid.
 
-    Same values as open_clip's `pos_embed_type="sin_cos_2d"` (MAE's helper) and big_vision:
-    the first half of the channels encodes the column, the second half the row."""
+    MAE's frequencies, 1 / 10000^(i / (width/4)), as open_clip's `pos_embed_type="sin_cos_2d"`
+    (MAE's helper). big_vision's `posemb_sincos_2d` divides by width/4 - 1 instead (its lowest
+    frequency is exactly 1/10000); the channel order is the same (sin, cos of the column, then
+    of the row). The two tables differ by at most 0.013 (B, 8x8 grid) to 0.029 (B, 16x16). The
+    exports copy the table itself, so either reproduces exactly in PyTorch."""
     if width % 4:
         raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
     omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))

@@ -54,6 +54,16 @@ def vit_size(name: str, key: str = "model") -> tuple[Size, int]:
     return VIT_SIZES[size], int(patch)
 
 
+def decoder_size(name: str, key: str = "model.decoder") -> Size:
+    """"B/1" -> Size. The decoder works on the encoder's token grid (patch 1); its output layer
+    emits the encoder patch's pixels, so any other patch is a mistake, not a variant."""
+    size, patch = vit_size(name, key)
+    if patch != 1:
+        raise Ov3Error(f"{key}={name!r}: the decoder has patch 1 over the encoder's tokens (its output "
+                       f"layer un-patchifies the encoder's patch); use '{name.partition('/')[0]}/1'.")
+    return size
+
+
 def text_size(name: str, key: str = "model.text") -> Size:
     if name not in TEXT_SIZES:
         raise Ov3Error(f"{key}={name!r} is not a known text size; use one of {sorted(TEXT_SIZES)}.")

@@ -45,6 +45,7 @@ class TextEncoder(nn.Module):
         x = x + learned_positions(self, self.context_length, self.width).astype(x.dtype)
         x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype, self.attention,
                         name="transformer")(x)
-        pooled = LayerNorm(self.dtype, name="ln_final")(x[:, -1])
-        return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name="text_projection",
+        # The contrastive head in float32 whatever the compute dtype (as OpenVision's heads).
+        pooled = LayerNorm(jnp.float32, name="ln_final")(x[:, -1])
+        return nn.Dense(self.embed_dim, use_bias=False, dtype=jnp.float32, name="text_projection",
                         kernel_init=dense_init(("embed", None)))(pooled)

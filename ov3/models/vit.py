@@ -36,8 +36,9 @@ class VisionTransformer(nn.Module):
     attention: str = "xla"  # jax.nn.dot_product_attention implementation: "xla" | "cudnn"
 
     @nn.compact
-    def __call__(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """latents (B, h, w, C) -> pooled (B, embed_dim), tokens (B, h/p * w/p, width)."""
+    def __call__(self, latents: jax.Array, detach_pool: bool = False) -> tuple[jax.Array, jax.Array]:
+        """latents (B, h, w, C) -> pooled (B, embed_dim), tokens (B, h/p * w/p, width).
+        `detach_pool`: the pooling head (ln_post, proj) trains on stop_gradient(tokens)."""
         p = self.patch
         x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
                     dtype=self.dtype, name="conv1",
@@ -57,7 +58,9 @@ class VisionTransformer(nn.Module):
         x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype, self.attention,
                         name="transformer")(x)
         tokens = x[:, 1:]
-        pooled = LayerNorm(self.dtype, name="ln_post")(tokens.mean(axis=1))
-        pooled = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype, name="proj",
+        head_in = jax.lax.stop_gradient(tokens) if detach_pool else tokens
+        # The contrastive head in float32 whatever the compute dtype (as OpenVision's heads).
+        pooled = LayerNorm(jnp.float32, name="ln_post")(head_in.mean(axis=1))
+        pooled = nn.Dense(self.embed_dim, use_bias=False, dtype=jnp.float32, name="proj",
                           kernel_init=dense_init(("embed", None)))(pooled)
         return pooled, tokens

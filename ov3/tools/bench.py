@@ -49,6 +49,8 @@ def random_batch(task: Any, batch_size: int, image_size: int, mesh: Any, seed: i
     host = {"image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8),  # as the pipeline's
             "text": rng.integers(1, spec.vocab_size, (batch_size, spec.text_len), dtype=np.int32),
             "caption": rng.integers(1, spec.vocab_size, (batch_size, spec.caption_len), dtype=np.int32)}
+    if "caption_sentence" in task.cfg.loss.contrastive_texts:  # the second contrastive positive
+        host["caption_sentence"] = rng.integers(1, spec.vocab_size, (batch_size, spec.text_len), dtype=np.int32)
     if task.cfg.data.use_cached_latents:  # as the latent cache gives them: the step skips the VAE encoder
         shape = (batch_size, task.latent_size, task.latent_size, spec.latent_channels)
         host["latent"] = rng.normal(size=shape).astype(ml_dtypes.bfloat16)
@@ -65,8 +67,9 @@ def build_task(cfg: Any) -> Any:
     from ov3.tools.summary import vae_config, vocab_size
     from ov3.train import DTYPES
 
-    vae = vae_lib.init_random(vae_config(cfg), cfg.seed, dtype=DTYPES[cfg.vae.dtype],
-                              latent_norm=cfg.vae.latent_norm, remat_decoder=cfg.vae.remat_decoder)
+    vae = vae_lib.Identity() if cfg.model.input == "pixels" else vae_lib.init_random(
+        vae_config(cfg), cfg.seed, dtype=DTYPES[cfg.vae.dtype], latent_norm=cfg.vae.latent_norm,
+        remat_decoder=cfg.vae.remat_decoder)
     no_lpips = cfg.copy_and_resolve_references()
     no_lpips.loss.lpips = 0.0
     task = tasks.OV3Task(no_lpips, vae=vae, vocab_size=vocab_size(cfg), pad_id=0)

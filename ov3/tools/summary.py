@@ -40,10 +40,11 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import sys
 import time
 from typing import Any
+
+from ov3 import paths
 
 VOCAB_SIZE = 32000  # OpenVision's BERT WordPiece vocabulary padded to 32000
 LIBTPU_HINT = ("compiling for a TPU topology needs libtpu importable: `pip install --target DIR libtpu` "
@@ -52,7 +53,7 @@ LIBTPU_HINT = ("compiling for a TPU topology needs libtpu importable: `pip insta
 
 def vae_config(cfg: Any) -> Any:
     from ov3.models import vae as vae_lib
-    folder = pathlib.Path(cfg.vae.path)
+    folder = paths.path(cfg.vae.path)
     for candidate in (folder / "config.json", folder / "vae" / "config.json"):
         if candidate.is_file():
             return vae_lib.VAEConfig.from_dict(json.loads(candidate.read_text()), str(candidate))
@@ -62,7 +63,7 @@ def vae_config(cfg: Any) -> Any:
 def vocab_size(cfg: Any) -> int:
     """The size of the config's tokenizer when its file is on disk (the demo's), else VOCAB_SIZE."""
     from ov3.train import tokenizer_path
-    path = pathlib.Path(tokenizer_path(cfg))
+    path = paths.path(tokenizer_path(cfg))
     if not path.is_file():
         return VOCAB_SIZE
     from ov3.data.tokenizer import Tokenizer
@@ -78,12 +79,15 @@ def abstract_task(cfg: Any) -> Any:
     from ov3.models import vae as vae_lib
     from ov3.train import DTYPES
 
-    config = vae_config(cfg)
-    module = vae_lib.AutoencoderKL(config, DTYPES[cfg.vae.dtype], cfg.vae.remat_decoder)
-    side = 2 * config.downsample_factor
-    params = jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct(
-        (1, side, side, config.in_channels), jnp.float32))["params"]
-    vae = vae_lib.VAE(module, params, config, cfg.vae.latent_norm)
+    if cfg.model.input == "pixels":
+        vae = vae_lib.Identity()
+    else:
+        config = vae_config(cfg)
+        module = vae_lib.AutoencoderKL(config, DTYPES[cfg.vae.dtype], cfg.vae.remat_decoder)
+        side = 2 * config.downsample_factor
+        params = jax.eval_shape(module.init, jax.random.key(0), jax.ShapeDtypeStruct(
+            (1, side, side, config.in_channels), jnp.float32))["params"]
+        vae = vae_lib.VAE(module, params, config, cfg.vae.latent_norm)
     no_lpips = cfg.copy_and_resolve_references()
     no_lpips.loss.lpips = 0.0  # the task would load VGG weights; put abstract ones in instead
     task = tasks.OV3Task(no_lpips, vae=vae, vocab_size=vocab_size(cfg), pad_id=0)
@@ -135,7 +139,7 @@ def xla_block_flops(tokens: int, width: int, mlp_dim: int, heads: int, mask: Any
     return xla_flops(lambda p, x: block.apply(p, x, mask)[0], params, x)
 
 
-def xla_costs(task: Any, image_size: int) -> dict[str, float]:
+def xla_costs(task: Any, image_size: int, num_texts: int = 1) -> dict[str, float]:
     """XLA's forward FLOPs per example (batch 1) of every component, scan-corrected."""
     import jax
     import jax.numpy as jnp
@@ -165,20 +169,22 @@ def xla_costs(task: Any, image_size: int) -> dict[str, float]:
     out = {
         "encoder": tower(OV3Model.encode_image, latents)
         + (enc.depth - 1) * xla_block_flops(n + 1, enc.width, enc.mlp_dim, enc.num_heads),
-        "text": tower(OV3Model.encode_text, text)
-        + (txt.depth - 1) * xla_block_flops(spec.text_len, txt.width, txt.mlp_dim, txt.num_heads),
+        "text": num_texts * (tower(OV3Model.encode_text, text)
+                             + (txt.depth - 1) * xla_block_flops(spec.text_len, txt.width, txt.mlp_dim,
+                                                                 txt.num_heads)),
         "caption": tower(OV3Model.caption_logits, tokens, caption)
         + (txt.depth - 1) * xla_block_flops(n + spec.caption_len, txt.width, txt.mlp_dim, txt.num_heads,
                                             prefix_lm_mask(n, spec.caption_len)),
         "decoder": tower(OV3Model.decode_tokens, tokens)
         + (dec.depth - 1) * xla_block_flops(n, dec.width, dec.mlp_dim, dec.num_heads),
     }
-    module = vae_lib.AutoencoderKL(vae.config)
     image = sds((1, image_size, image_size, 3), jnp.float32)
-    out["vae_encode"] = xla_flops(lambda p, x: module.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode),
-                                  vae.params, image)
-    out["vae_decode"] = xla_flops(lambda p, z: module.apply({"params": p}, z, method=vae_lib.AutoencoderKL.decode),
-                                  vae.params, latents)
+    if not task.pixels:
+        module = vae_lib.AutoencoderKL(vae.config)
+        out["vae_encode"] = xla_flops(lambda p, x: module.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode),
+                                      vae.params, image)
+        out["vae_decode"] = xla_flops(lambda p, z: module.apply({"params": p}, z, method=vae_lib.AutoencoderKL.decode),
+                                      vae.params, latents)
     if task.lpips is not None:  # LPIPS runs its trunk on x and x_hat in one batch of 2
         out["lpips"] = xla_flops(lpips_lib.lpips_fn, task.lpips[1], image, image) / 2
     return out
@@ -187,7 +193,7 @@ def xla_costs(task: Any, image_size: int) -> dict[str, float]:
 def flop_rows(cfg: Any, task: Any, xla_check: bool) -> list[dict[str, Any]]:
     from ov3 import flops
     costs = flops.task_costs(cfg, task)
-    xla = xla_costs(task, cfg.image_size) if xla_check else {}
+    xla = xla_costs(task, cfg.image_size, len(cfg.loss.contrastive_texts)) if xla_check else {}
     rows = [{"component": k, "forward": c.forward, "train_factor": c.train_factor, "train": c.train,
              "xla_forward": xla.get(k)} for k, c in costs.items()]
     rows.append({"component": "total", "forward": sum(c.forward for c in costs.values()), "train_factor": None,
