@@ -204,29 +204,34 @@ def _conv(features: int, kernel: int, dtype: Any, name: str, stride: int = 1,
 _GN_EPS = 1e-6  # diffusers' VAE GroupNorm epsilon
 
 
+# Statistics reduce over these axes of (B, H, W, G, C/G). H and W stay separate dims: merging
+# them is not free in TPU's (C minor, then B) layout, and the compiled HLO then copied every
+# GroupNorm input to another layout first.
+_GN_AXES = (1, 2, 4)
+
+
 def _grouped(x: Array, groups: int) -> Array:
-    """(B, H, W, C) -> (B, H*W, G, C/G) in fp32: statistics reduce over axes 1 and 3."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h * w, groups, c // groups).astype(jnp.float32)
+    """(B, H, W, C) -> (B, H, W, G, C/G) in fp32."""
+    return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups).astype(jnp.float32)
 
 
 def _gn_moments(xg: Array) -> tuple[Array, Array]:
-    """Per-(example, group) mean and 1/std of fp32 (B, N, G, Cg), in one pass over x.
+    """Per-(example, group) mean and 1/std of fp32 (B, H, W, G, Cg), in one pass over x.
 
     E[d] and E[d^2] are reduced together (one read of x), around a shift taken from the
     group's values at the first pixel: that keeps E[d^2] - E[d]^2 from cancelling when
     |mean| >> std, which the unshifted one-pass form does in fp32 (two-pass needs a second
     read of x)."""
-    shift = jnp.mean(xg[:, :1], axis=(1, 3), keepdims=True)
+    shift = jnp.mean(xg[:, :1, :1], axis=_GN_AXES, keepdims=True)
     d = xg - shift
-    m1 = jnp.mean(d, axis=(1, 3), keepdims=True)
-    m2 = jnp.mean(d * d, axis=(1, 3), keepdims=True)
+    m1 = jnp.mean(d, axis=_GN_AXES, keepdims=True)
+    m2 = jnp.mean(d * d, axis=_GN_AXES, keepdims=True)
     return shift + m1, jax.lax.rsqrt(jnp.maximum(m2 - m1 * m1, 0.0) + _GN_EPS)
 
 
 def _gn_affine(xhat: Array, scale: Array, bias: Array, silu: bool) -> tuple[Array, Array]:
     """-> (pre-activation a = xhat * scale + bias, output silu(a) or a), fp32."""
-    g, cg = xhat.shape[2:]
+    g, cg = xhat.shape[-2:]
     a = xhat * scale.reshape(g, cg) + bias.reshape(g, cg)
     return a, a * jax.nn.sigmoid(a) if silu else a
 
@@ -256,11 +261,11 @@ def _group_norm_bwd(groups, silu, res, g):
         a = _gn_affine(xhat, scale, bias, False)[0]
         s = jax.nn.sigmoid(a)
         ga = ga * s * (1 + a * (1 - s))
-    d_scale = jnp.sum(ga * xhat, axis=(0, 1)).reshape(scale.shape)
-    d_bias = jnp.sum(ga, axis=(0, 1)).reshape(bias.shape)
-    gx = ga * scale.reshape(xhat.shape[2:])
-    gx = rstd * (gx - jnp.mean(gx, axis=(1, 3), keepdims=True)
-                 - xhat * jnp.mean(gx * xhat, axis=(1, 3), keepdims=True))
+    d_scale = jnp.sum(ga * xhat, axis=(0, 1, 2)).reshape(scale.shape)
+    d_bias = jnp.sum(ga, axis=(0, 1, 2)).reshape(bias.shape)
+    gx = ga * scale.reshape(xhat.shape[-2:])
+    gx = rstd * (gx - jnp.mean(gx, axis=_GN_AXES, keepdims=True)
+                 - xhat * jnp.mean(gx * xhat, axis=_GN_AXES, keepdims=True))
     return (gx.reshape(x.shape).astype(x.dtype), d_scale.astype(scale.dtype),
             d_bias.astype(bias.dtype))
 
