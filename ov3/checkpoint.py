@@ -2,18 +2,21 @@
 
 Layout: DIR/checkpoints/<step>/{state, data}; `state` is the TrainState pytree (restored
 straight into the shardings of the current mesh, whatever mesh saved it), `data` has one JSON
-file per process (grain's handler). Saves are async; orbax writes to a temporary directory
-(`<step>.orbax-checkpoint-tmp`) and renames it when complete, so a run killed mid-write never
-restores a partial step: only renamed steps are listed, and leftover temporary directories are
-deleted when the next run opens the directory. A checkpoint saved by another number of
-processes resumes with the data position carried over (see `_data_state_for_this_layout`).
+file per process (grain's handler). Saves are async, and a run killed mid-write never restores a
+partial step. How a step is committed depends on where DIR is (`atomicity`): on a local disk
+orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete; on gs:// (where a
+"rename" is a copy of every object) it writes `<step>/` in place, tensorstore putting the arrays
+straight into the bucket, and marks it complete with a last object, `<step>/commit_success.txt`.
+Only committed steps are listed; leftovers are deleted when the next run opens the directory.
+A checkpoint saved by another number of processes resumes with the data position carried over
+(see `_data_state_for_this_layout`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 import shutil
 from typing import Any
 
@@ -21,6 +24,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 
 
@@ -45,13 +49,38 @@ class _IteratorRestore:
         pass
 
 
+def atomicity(directory: str | os.PathLike) -> ocp.options.AtomicityOptions:
+    """Commit-file on gs:// (objects cannot be renamed, and orbax's rename of a step folder is a
+    copy of every object), rename of a temporary folder elsewhere. Orbax 0.12.8's AUTO picks the
+    same; spelled out so that readers and writers of one directory always agree."""
+    mode = ocp.options.AtomicityMode.COMMIT_FILE if paths.is_remote(directory) \
+        else ocp.options.AtomicityMode.ATOMIC_RENAME
+    return ocp.options.AtomicityOptions(mode=mode)
+
+
+def directory(workdir: str | os.PathLike) -> paths.Path:
+    """DIR/checkpoints, absolute (orbax wants it so)."""
+    return paths.absolute(workdir) / "checkpoints"
+
+
+def finished_steps(workdir: str | os.PathLike) -> list[int]:
+    """The committed checkpoint steps of a run, oldest first (none: an empty list); read-only."""
+    folder = directory(workdir)
+    if not folder.exists():
+        return []
+    with ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(
+            read_only=True, atomicity_options=atomicity(folder))) as manager:
+        return sorted(manager.all_steps())
+
+
 class Checkpointer:
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 3, async_save: bool = True):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3, async_save: bool = True):
+        self.directory = directory(workdir)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                                 enable_async_checkpointing=async_save),
+                                                 enable_async_checkpointing=async_save,
+                                                 atomicity_options=atomicity(self.directory)),
             # Named handlers, so a fresh process can read a step's metadata before restoring it.
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler()},
@@ -73,13 +102,13 @@ class Checkpointer:
         later = [s for s in steps if s > requested]
         if later and jax.process_index() == 0:
             aside = self.directory.parent / "discarded_checkpoints"
-            aside.mkdir(exist_ok=True)
+            paths.makedirs(aside)
             for s in later:
                 target = aside / str(s)
                 n = 1
                 while target.exists():  # resumed back past this step before
                     target, n = aside / f"{s}.{n}", n + 1
-                (self.directory / str(s)).rename(target)
+                paths.move(self.directory / str(s), target)
             print(f"resume_step={requested}: moved the later checkpoints {later} to {aside}", flush=True)
         if later:
             from ov3 import sharding
@@ -135,7 +164,7 @@ def _data_file(process_index: int, process_count: int) -> str:
     return f"process_{process_index}-of-{process_count}.json"  # grain's handler names them so
 
 
-def _data_state_for_this_layout(data_dir: pathlib.Path) -> dict[str, Any]:
+def _data_state_for_this_layout(data_dir: paths.Path) -> dict[str, Any]:
     """This process's data position from one saved by P' processes (ov3.data.pipeline, step 3:
     global batch k is stream positions [kB, (k+1)B), whatever the process count).
 
@@ -165,12 +194,15 @@ def _data_state_for_this_layout(data_dir: pathlib.Path) -> dict[str, Any]:
             "process_index": here, "process_count": now}
 
 
-def check_free_space(workdir: pathlib.Path, abstract_state: Any, keep: int) -> None:
+def check_free_space(workdir: str | os.PathLike, abstract_state: Any, keep: int) -> None:
     """Raise before anything compiles if the workdir cannot hold this run's checkpoints: up to
-    `keep` of them plus the one being written (fewer if some are already there)."""
+    `keep` of them plus the one being written (fewer if some are already there). A bucket has
+    no free-space figure (its limits are quotas and billing): not checked on gs://."""
+    if paths.is_remote(workdir):
+        return
     one = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-    directory = pathlib.Path(workdir) / "checkpoints"
-    present = sum(p.name.isdigit() for p in directory.iterdir()) if directory.is_dir() else 0
+    folder = paths.path(workdir) / "checkpoints"
+    present = sum(p.name.isdigit() for p in folder.iterdir()) if folder.is_dir() else 0
     more = max(keep + 1 - present, 1)
     free = shutil.disk_usage(workdir).free
     if free < one * more:
@@ -186,7 +218,7 @@ def _flat(tree: Any) -> dict[str, tuple[int, ...]]:
             for path, leaf in leaves}
 
 
-def check_compatible(saved_metadata: Any, expected: Any, where: pathlib.Path) -> None:
+def check_compatible(saved_metadata: Any, expected: Any, where: paths.Path) -> None:
     saved, want = _flat(saved_metadata), _flat(expected)
     if any(not k.startswith("opt_state/") and saved.get(k) != want.get(k) for k in saved.keys() | want.keys()):
         # The optimizer moments mirror the params: listing them too would only repeat each name.

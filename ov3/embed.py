@@ -10,45 +10,46 @@ with the N image paths (relative to FOLDER) in row order, and with --tokens OUT.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: paths.Path) -> list[paths.Path]:
     if not folder.is_dir():
         raise Ov3Error(f"--images {folder} is not a folder.")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
-    if not paths:
+    found = [p for p in paths.files_under(folder) if p.suffix.lower() in EXTENSIONS]
+    if not found:
         raise Ov3Error(f"--images {folder} holds no image files ({', '.join(sorted(EXTENSIONS))}).")
-    return paths
+    return found
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: paths.Path, size: int) -> np.ndarray:
     """File -> (size, size, 3) float32 in [-1, 1], like the eval pipeline (raises decode.Skip)."""
     from ov3.data import decode, shapes
     img = shapes.center_crop(decode.decode_image(path.read_bytes()), size)
     return np.asarray(img, np.float32) * np.float32(2 / 255) - 1
 
 
-def embed(workdir: str | Path, images: str | Path, out: str | Path, step: int | None = None,
+def embed(workdir: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
           batch_size: int = 32, tokens: bool = False, normalize: bool = False,
           vae_path: str | None = None) -> int:
     from ov3.data import decode
     from ov3.inference import Encoder, l2_normalize
 
-    folder, out = Path(images), Path(out)
+    folder, out = paths.path(images), paths.path(out)
     if out.suffix != ".npy":
         raise Ov3Error(f"--out {out} must end in .npy.")
-    paths = list_images(folder)
+    files = list_images(folder)
     encoder = Encoder.from_workdir(workdir, step, vae_path=vae_path)
     size = encoder.image_size
-    kept: list[Path] = []
+    kept: list[paths.Path] = []
     pooled_rows, token_rows = [], []
     batch: list[np.ndarray] = []
 
@@ -62,7 +63,7 @@ def embed(workdir: str | Path, images: str | Path, out: str | Path, step: int | 
                 token_rows.append(np.asarray(toks)[:n])
             batch.clear()
 
-    for path in paths:
+    for path in files:
         try:
             batch.append(load_image(path, size))
         except decode.Skip as s:
@@ -73,14 +74,19 @@ def embed(workdir: str | Path, images: str | Path, out: str | Path, step: int | 
             flush()
     flush()
     if not kept:
-        raise Ov3Error(f"none of the {len(paths)} files under {folder} could be decoded.")
+        raise Ov3Error(f"none of the {len(files)} files under {folder} could be decoded.")
     pooled = np.concatenate(pooled_rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, l2_normalize(pooled) if normalize else pooled)
+    paths.makedirs(out.parent)
+    save_npy(out, l2_normalize(pooled) if normalize else pooled)
     out.with_suffix(".txt").write_text("".join(f"{p.relative_to(folder)}\n" for p in kept))
     if tokens:
-        np.save(out.with_suffix(".tokens.npy"), np.concatenate(token_rows))
+        save_npy(out.with_suffix(".tokens.npy"), np.concatenate(token_rows))
     return len(kept)
+
+
+def save_npy(path: paths.Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:
+        np.save(f, array)
 
 
 def main(argv: list[str] | None = None) -> int:

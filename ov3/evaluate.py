@@ -14,23 +14,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import pathlib
+import os
 import sys
 from typing import Any, Optional, Sequence
 
 import ml_collections
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 
 
-def load_config(workdir: pathlib.Path, path: Optional[str]) -> ml_collections.ConfigDict:
+def load_config(workdir: paths.Path, path: Optional[str]) -> ml_collections.ConfigDict:
     from ov3 import config as config_lib
-    source = pathlib.Path(path) if path else workdir / "config.json"
+    source = paths.path(path) if path else workdir / "config.json"
     if not source.is_file():
         raise Ov3Error(f"{source} does not exist: pass --workdir of a training run (it writes "
                        "config.json) or --config FILE.")
     if source.suffix == ".py":
-        spec = importlib.util.spec_from_file_location("ov3_eval_config", source)
+        spec = importlib.util.spec_from_file_location("ov3_eval_config", os.fspath(source))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         cfg = module.get_config()
@@ -52,9 +53,9 @@ def load_config(workdir: pathlib.Path, path: Optional[str]) -> ml_collections.Co
     return cfg
 
 
-def evaluate(workdir: str | pathlib.Path, step: Optional[int] = None, config: Optional[str] = None,
+def evaluate(workdir: str | os.PathLike, step: Optional[int] = None, config: Optional[str] = None,
              only: Optional[Sequence[str]] = None, mesh: Optional[Sequence[int]] = None
-             ) -> tuple[int, dict[str, dict[str, float]], list[pathlib.Path]]:
+             ) -> tuple[int, dict[str, dict[str, float]], list[paths.Path]]:
     """Runs the evaluators on checkpoint `step` of `workdir`; returns (step, results, files)."""
     import jax
     from ov3 import checkpoint as ckpt_lib
@@ -62,7 +63,7 @@ def evaluate(workdir: str | pathlib.Path, step: Optional[int] = None, config: Op
     from ov3 import sharding, train
     from ov3.evals import evaluators, report
 
-    workdir = pathlib.Path(workdir)
+    workdir = paths.path(workdir)
     cfg = load_config(workdir, config)
     if mesh:
         cfg.mesh.update(dict(zip(sharding.MESH_AXES, mesh)))
@@ -94,10 +95,10 @@ def evaluate(workdir: str | pathlib.Path, step: Optional[int] = None, config: Op
     results = evals.run(params, frozen)
 
     specs = {e.name: {k: v for k, v in e.spec.items()} for e in evals.evaluators}
-    files: list[pathlib.Path] = []
+    files: list[paths.Path] = []
     if jax.process_index() == 0:
         print(report.table(results, specs), flush=True)
-        extra: dict[str, Any] = {"workdir": str(workdir.absolute()), "image_size": cfg.image_size,
+        extra: dict[str, Any] = {"workdir": str(paths.absolute(workdir)), "image_size": cfg.image_size,
                                  "devices": jax.device_count()}
         files = list(report.write(workdir, step, results, specs, extra))
         print(f"wrote {files[0]} and {files[1]}", flush=True)

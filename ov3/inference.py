@@ -17,7 +17,7 @@ loaded on first use, so `encode_latents` needs neither.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import os
 from typing import Any, Sequence
 
 import jax
@@ -32,7 +32,7 @@ from ov3.models.ov3 import ModelSpec, OV3Model
 
 class Encoder:
     def __init__(self, config: ml_collections.ConfigDict, params: dict[str, Any], *,
-                 vae_path: str | None = None, tokenizer_path: str | Path | None = None):
+                 vae_path: str | None = None, tokenizer_path: str | os.PathLike | None = None):
         self.config = config
         self.spec: ModelSpec = load.model_spec(config, params)
         self.latent_grid = load.latent_grid(params)
@@ -46,7 +46,7 @@ class Encoder:
         self._text = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=OV3Model.encode_text))
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, step: int | None = None, *, vae_path: str | None = None) -> "Encoder":
+    def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None, *, vae_path: str | None = None) -> "Encoder":
         """`vae_path` overrides config.vae.path (e.g. the VAE lives elsewhere on this machine)."""
         config, params = load.load_params(workdir, step)
         return cls(config, params, vae_path=vae_path, tokenizer_path=load.tokenizer_file(workdir, config))

@@ -25,14 +25,12 @@ A resumed run restores its own checkpoints and ignores `init_from`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
-
+from ov3 import paths
 from ov3.errors import Ov3Error
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -51,22 +49,22 @@ _POSITION_TABLES = {
 _ALWAYS_FIXED = {("decoder", "positional_embedding")}
 
 
-def checkpoint_dir(init_from: str) -> epath.Path:
+def checkpoint_dir(init_from: str) -> paths.Path:
     """RUN_DIR -> its latest finished checkpoint; RUN_DIR/checkpoints/STEP -> that one."""
-    path = epath.Path(init_from)
+    from ov3 import checkpoint as ckpt_lib
+    path = paths.path(init_from)
     if path.name.isdigit() and path.parent.name == "checkpoints":
-        if not (path / "state").exists():
-            raise Ov3Error(f"config.init_from={init_from!r}: {path / 'state'} does not exist.")
+        if int(path.name) not in ckpt_lib.finished_steps(path.parent.parent):
+            raise Ov3Error(f"config.init_from={init_from!r}: not a finished checkpoint of {path.parent.parent}.")
         return path
-    steps = sorted(int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit()) \
-        if (path / "checkpoints").exists() else []
+    steps = ckpt_lib.finished_steps(path)
     if not steps:
         raise Ov3Error(f"config.init_from={init_from!r} has no finished checkpoint under {path / 'checkpoints'}; "
                        "point it at the pretraining run's workdir (or RUN_DIR/checkpoints/STEP).")
     return path / "checkpoints" / str(steps[-1])
 
 
-def load_params(step_dir: epath.Path) -> dict[str, Any]:
+def load_params(step_dir: paths.Path) -> dict[str, Any]:
     """The `params` of a saved TrainState as host numpy arrays (the optimizer state is not read)."""
     import orbax.checkpoint as ocp
     checkpointer = ocp.PyTreeCheckpointer()
@@ -155,10 +153,10 @@ def _put(params: Any, shardings: Any) -> Any:
                         params, shardings)
 
 
-def open_clip_file(init_from: str) -> Path | None:
+def open_clip_file(init_from: str) -> paths.Path | None:
     """The open_clip weights file `init_from` names (itself, or the one in its folder); None
     when it names an ov3 run."""
-    path = Path(init_from)
+    path = paths.path(init_from)
     if path.is_file() and path.suffix in OPEN_CLIP_SUFFIXES:
         return path
     if path.is_dir() and not (path / "checkpoints").exists() and not path.name.isdigit():
@@ -166,7 +164,7 @@ def open_clip_file(init_from: str) -> Path | None:
     return None
 
 
-def from_open_clip(trainer: Any, state: Any, path: Path) -> Any:
+def from_open_clip(trainer: Any, state: Any, path: paths.Path) -> Any:
     """`state` with the towers an open_clip checkpoint holds imported into it."""
     from ov3.export import import_open_clip
     task = trainer.task
@@ -188,7 +186,7 @@ def apply(trainer: Any, state: Any, init_from: str) -> Any:
     path = open_clip_file(init_from)
     if path is not None:
         return from_open_clip(trainer, state, path)
-    if Path(init_from).is_file():
+    if paths.path(init_from).is_file():
         raise Ov3Error(f"config.init_from={init_from!r} is a file but not an open_clip checkpoint "
                        f"({', '.join(OPEN_CLIP_SUFFIXES)}); pass an ov3 run dir or an open_clip checkpoint.")
     return from_run(trainer, state, init_from)

@@ -1,20 +1,30 @@
 """Where numbers go: DIR/metrics.jsonl (one JSON object per logged step and source: the train
 loop and each evaluator round write their own row; a resumed run first drops the rows after
-its checkpoint, so no step is there twice from two runs), TensorBoard event
-files (tensorboardX: no TensorFlow needed), Weights & Biases when `config.log.wandb.project` is
-set, and a console line with rate and ETA. Only process 0 writes."""
+its checkpoint, so no step is there twice from two runs), TensorBoard event files under
+DIR/tensorboard (tensorboardX: no TensorFlow needed), Weights & Biases when
+`config.log.wandb.project` is set, and a console line with rate and ETA. Only process 0 writes.
+
+On gs:// metrics.jsonl and the event file are complete objects after every log step, so a
+running job can be watched from anywhere (an object exists only once its upload is finalised,
+and GCS objects cannot be appended to): metrics.jsonl is rewritten whole (its rows are kept in
+memory; a resumed run starts from the object's rows), and the event file, written to a local
+temporary folder, is uploaded whole. Both weigh a few MB after 100k steps logged every 50."""
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
+import shutil
+import tempfile
 import time
 import uuid
 from typing import Any
 
 import jax
 import numpy as np
+
+from ov3 import paths
 
 
 def quiet_library_logs() -> None:
@@ -26,15 +36,24 @@ def quiet_library_logs() -> None:
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | pathlib.Path, log: Any = None, config: Any = None):
+    def __init__(self, workdir: str | os.PathLike, log: Any = None, config: Any = None):
         """`log`: config.log (None: no W&B); `config`: the run's config, stored with the W&B run."""
         self.enabled = jax.process_index() == 0
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = paths.path(workdir)
+        self.remote = paths.is_remote(workdir)
         self.wandb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
-            self.jsonl = open(self.workdir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self.path = self.workdir / "metrics.jsonl"
+            if self.remote:
+                self.text = self.path.read_text() if self.path.exists() else ""
+                self.tb_dir = tempfile.mkdtemp(prefix="ov3-tensorboard-")
+            else:
+                self.jsonl = open(self.path, "a")
+                self.tb_dir = str(self.workdir / "tensorboard")
+            # The pid in the name: two writers started in one second (a quick restart) would
+            # otherwise share a name, and on gs:// the second would replace the first's object.
+            self.tb = SummaryWriter(self.tb_dir, filename_suffix=f".{os.getpid()}")
             if log is not None and log.wandb.project:
                 self.wandb = start_wandb(self.workdir, log.wandb, config)
 
@@ -45,29 +64,48 @@ class MetricWriter:
         for k, v in values.items():
             row[k] = float(v)
             self.tb.add_scalar(k, row[k], int(step))
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+        line = json.dumps(row) + "\n"
+        if self.remote:
+            self.text += line
+            self.path.write_text(self.text)
+            self._upload_events()
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
     def image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
         if self.enabled:
             self.tb.add_image(name, image_hwc_uint8, int(step), dataformats="HWC")
+            if self.remote:
+                self._upload_events()
             if self.wandb is not None:
                 import wandb
                 self.wandb.log({name: wandb.Image(image_hwc_uint8)}, step=int(step))
 
+    def _upload_events(self) -> None:
+        self.tb.flush()
+        for name in os.listdir(self.tb_dir):
+            paths.copy(os.path.join(self.tb_dir, name), self.workdir / "tensorboard" / name)
+
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
+            if self.remote:
+                self._upload_events()
+                self.tb.close()
+                shutil.rmtree(self.tb_dir, ignore_errors=True)
+            else:
+                self.tb.close()
+                self.jsonl.close()
             if self.wandb is not None:
                 self.wandb.finish()
 
 
-def start_wandb(workdir: pathlib.Path, cfg: Any, config: Any = None) -> Any:
-    """A W&B run in DIR/wandb. Its id is kept in DIR/wandb_run_id, so a resumed (or preempted
-    and restarted) training run continues the same W&B run instead of starting a new one."""
+def start_wandb(workdir: paths.Path, cfg: Any, config: Any = None) -> Any:
+    """A W&B run. Its id is kept in DIR/wandb_run_id, so a resumed (or preempted and restarted)
+    training run continues the same W&B run instead of starting a new one. Its local files go to
+    DIR/wandb (on gs://: a local temporary folder; W&B uploads them itself)."""
     try:
         import wandb
     except ImportError:
@@ -77,29 +115,33 @@ def start_wandb(workdir: pathlib.Path, cfg: Any, config: Any = None) -> Any:
     id_file = workdir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
+    local = tempfile.mkdtemp(prefix="ov3-wandb-") if paths.is_remote(workdir) else str(workdir)
     return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or workdir.name,
-                      mode=cfg.mode, dir=str(workdir), id=run_id, resume="allow",
+                      mode=cfg.mode, dir=local, id=run_id, resume="allow",
                       config=config.to_dict() if config is not None else None)
 
 
-def truncate_jsonl(path: str | pathlib.Path, step: int) -> int:
+def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
     """Drop the rows after `step` (a resumed run logs those steps again); returns how many.
     So every step of DIR/metrics.jsonl holds the rows of the run that produced the checkpoints."""
-    path = pathlib.Path(path)
+    path = paths.path(path)
     if not path.is_file():
         return 0
     rows = path.read_text().splitlines(keepends=True)
     kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
     if len(kept) < len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)  # atomic: a crash here leaves the old log, never half of it
+        if paths.is_remote(path):
+            path.write_text("".join(kept))  # one object, replaced whole: readers see old or new
+        else:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)  # atomic: a crash here leaves the old log, never half of it
     return len(rows) - len(kept)
 
 
-def read_jsonl(path: str | pathlib.Path) -> list[dict[str, float]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The rows of a metrics.jsonl, local or gs://."""
+    return [json.loads(line) for line in paths.path(path).read_text().splitlines() if line.strip()]
 
 
 class Progress:

@@ -18,22 +18,18 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from etils import epath
-
-from ov3 import train
+from ov3 import paths, train
 from ov3.errors import Ov3Error
 
 
-def _finished(workdir: epath.Path, total_steps: int) -> bool:
+def _finished(workdir: paths.Path, total_steps: int) -> bool:
     from ov3 import checkpoint as ckpt_lib
-    if not (workdir / "checkpoints").exists():
-        return False
-    return ckpt_lib.Checkpointer(workdir).latest_step() == total_steps
+    return ckpt_lib.finished_steps(workdir)[-1:] == [total_steps]
 
 
 def run(pretrain_cfg: Any, finetune_cfg: Any, workdir: str) -> dict[str, float]:
     """Both stages in DIR/pretrain and DIR/finetune; returns the fine-tuning run's last metrics."""
-    root = epath.Path(workdir)
+    root = paths.path(workdir)
     pre, fine = root / "pretrain", root / "finetune"
     if finetune_cfg.init_from and finetune_cfg.init_from != str(pre):
         raise Ov3Error(f"--finetune_config.init_from={finetune_cfg.init_from!r}: ov3.stages sets it to "

@@ -7,7 +7,7 @@ frozen, and the loss. `ov3/train.py` is the same loop and the same jitted step f
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -165,7 +165,7 @@ class VAETask:
         mean, _ = self.vae.posterior(params, images)
         return self.vae.decode_raw_fn(params, mean)
 
-    def save_vae(self, params: Any, images: jax.Array, out_dir: pathlib.Path) -> pathlib.Path:
+    def save_vae(self, params: Any, images: jax.Array, out_dir: os.PathLike) -> os.PathLike:
         """Write the fitted VAE in diffusers layout (loadable by diffusers and `vae_weights.from_pretrained`),
         with `scaling_factor` = 1 / std of the posterior means on `images`, the same recipe that
         gave SD its 0.18215, so the ViT sees unit-variance latents."""

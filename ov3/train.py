@@ -13,9 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pathlib
 import platform
-import shutil
 import signal
 import sys
 import threading
@@ -34,7 +32,7 @@ from ov3 import checkpoint as ckpt_lib
 from ov3 import config as config_lib
 from ov3 import init_from as init_from_lib
 from ov3 import metrics as metrics_lib
-from ov3 import perf, sharding
+from ov3 import paths, perf, sharding
 from ov3 import flops as flops_lib
 from ov3.errors import Ov3Error
 
@@ -148,22 +146,19 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- loop
 
-def prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
-    """Create DIR and prove it is writable before anything is compiled."""
-    if "://" in str(workdir):
-        # pathlib would turn gs://b/x into a local gs:/b/x folder and write there silently.
-        raise Ov3Error(f"--workdir {workdir}: object-store URLs are not written directly; mount the bucket "
-                       "(e.g. gcsfuse, as launch/tpu_vm.sh does at /gcs/BUCKET) and pass the mounted path.")
-    path = pathlib.Path(workdir)
+def prepare_workdir(workdir: str | os.PathLike) -> paths.Path:
+    """Create DIR (a local folder or gs://bucket/prefix) and prove it is writable before
+    anything is compiled."""
+    path = paths.path(workdir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(path)  # on gs:// a missing bucket fails the probe instead
         # Named without jax.process_index(): that would start the backend before jax.distributed.
         probe = path / f".write_test_{platform.node()}_{os.getpid()}"
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
-    except OSError as e:
-        raise Ov3Error(f"workdir {path} is not writable ({e.strerror}); pick another --workdir "
-                       "or free space there.") from e
+    except OSError as e:  # gcsfs raises OSError subclasses too (FileNotFoundError: no such bucket)
+        raise Ov3Error(f"workdir {path} is not writable ({e.strerror or e}); pick another --workdir, "
+                       "free space there, or (gs://) create the bucket and grant this machine write access.") from e
     return path
 
 
@@ -178,7 +173,7 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
                        "(config.json + diffusion_pytorch_model.safetensors) or FLUX's ae.safetensors.")
     dtype = DTYPES[cfg.vae.dtype]
     if cfg.task == "vae":
-        folder = pathlib.Path(cfg.vae.path)
+        folder = paths.path(cfg.vae.path)
         if (folder / "config.json").is_file() and not (folder / vae_weights.WEIGHTS_NAME).is_file():
             # An architecture without weights: train it from random init.
             vae = vae_lib.init_random(json.loads((folder / "config.json").read_text()), cfg.seed, dtype=dtype,
@@ -195,7 +190,7 @@ def build_task(cfg: ml_collections.ConfigDict) -> tuple[Any, Any]:
 
 
 def tokenizer_path(cfg: ml_collections.ConfigDict) -> str:
-    return cfg.data.tokenizer or str(pathlib.Path(cfg.data.path) / "tokenizer.json")
+    return cfg.data.tokenizer or str(paths.path(cfg.data.path) / "tokenizer.json")
 
 
 class StopSignal:
@@ -236,7 +231,7 @@ class StopSignal:
             time.sleep(self._grace_s)
             if self._closed:  # the loop saved and returned in time
                 return
-            why = f"no step boundary reached within stop_grace_s={self._grace_s:g} s (waiting in {self.where})"
+            why = f"but the run did not end within stop_grace_s={self._grace_s:g} s (it was {self.where})"
         else:
             why = f"while {self.where}, before the first step: nothing to save"
         print(f"ov3: stop requested {why}; exiting. The last complete checkpoint stays.",
@@ -259,7 +254,7 @@ class StopSignal:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
 
-def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer: Any, trainer: Trainer,
+def save_config(cfg: ml_collections.ConfigDict, workdir: paths.Path, tokenizer: Any, trainer: Trainer,
                 step: int) -> None:
     """DIR/config.json (and DIR/config.<step>.json, the history: one per start or resume),
     DIR/tokenizer.json, and DIR/parameters.txt: every trainable tensor with its shape, size and
@@ -272,7 +267,7 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
     (workdir / f"config.{step}.json").write_text(text)
     (workdir / "config.json").write_text(text)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer_path(cfg), workdir / "tokenizer.json")
+        paths.copy(tokenizer_path(cfg), workdir / "tokenizer.json")
     # The VAE's facts (scaling factor, channels, down-sampling) travel with the run: export reads
     # them here, wherever the VAE folder is by then.
     from ov3.models.vae import PixelSpace
@@ -286,7 +281,7 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, tokenizer
 
 
 def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, images: jax.Array,
-                              workdir: pathlib.Path, writer: metrics_lib.MetricWriter, step: int) -> pathlib.Path:
+                              workdir: paths.Path, writer: metrics_lib.MetricWriter, step: int) -> paths.Path:
     """Held-out originals (top row) over their reconstructions (bottom row), labelled and
     upscaled to >= 512 px wide, as a PNG in DIR."""
     from PIL import Image
@@ -296,12 +291,13 @@ def write_reconstruction_grid(trainer: Trainer, state: TrainState, frozen: Any, 
                                   ["originals (held out)", f"reconstructions at step {step}"])
     path = workdir / f"reconstructions_{step:06d}.png"
     if jax.process_index() == 0:
-        Image.fromarray(grid).save(path)
+        with path.open("wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")
         writer.image(step, "reconstructions", grid)
     return path
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Run (or resume) training in `workdir`; returns the last logged metrics."""
     from ov3.data import pipeline
     config_lib.validate(cfg)
@@ -393,6 +389,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
             checkpointer.save(step, state, data, force=True)
         if preempted:  # a preempted step skips its evaluators: the grace period is for saving
             print(f"stop requested: saved step {step}, exiting", flush=True)
+            stop.where = f"writing checkpoint {step}"
             break
         # Evaluators due now (every N steps, all after the last); their time is not step time.
         stop.where = f"evaluating at step {step}"
@@ -404,6 +401,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[s
         if step < cfg.total_steps:
             stop.where = f"reading the batch of step {step + 1}"
             batch = next(data)
+    stop.where = f"writing checkpoint {step} and the final outputs"
     checkpointer.wait()
     if step == cfg.total_steps:
         held_out = next(pipeline.make_iterator(cfg.data, mesh=mesh, global_batch_size=cfg.batch_size,
@@ -440,8 +438,7 @@ def explain_failure(error: BaseException, cfg: ml_collections.ConfigDict, workdi
                     "config.vae.remat_decoder=True for task='vae'), split the state with config.mesh.fsdp, "
                     "or add devices.")
         if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
-            steps = sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").glob("*")
-                           if p.name.isdigit())
+            steps = ckpt_lib.finished_steps(workdir)
             kept = (f"the last complete checkpoint, step {steps[-1]}, stays: free space there and run the same "
                     "command to resume from it" if steps else "no checkpoint was complete yet: free space and "
                     "start again")

@@ -7,7 +7,8 @@ OV3_FAULTS (JSON), any of:
   nan_at_steps: [k, ...]  the images of the batch for step k are NaN on every process
                           (a data fault: the loss and the gradient of that step are NaN)
   pause_commit_step: k    process 0 stops for good right before it commits checkpoint k
-                          (everything written to <k>.orbax-checkpoint-tmp, not yet renamed),
+                          (everything written to <k>.orbax-checkpoint-tmp, not yet renamed;
+                          on gs://: written to <k>/, no commit_success.txt yet),
                           after printing "FAULT: pausing before committing checkpoint k",
                           so that a test can SIGKILL it mid-write
   free_bytes: n           shutil.disk_usage reports n bytes free (a full disk)
@@ -40,14 +41,18 @@ def install_faults(faults: dict) -> None:
 
     if "pause_commit_step" in faults:
         from orbax.checkpoint._src.path import atomicity
-        step, finalize = str(faults["pause_commit_step"]), atomicity.AtomicRenameTemporaryPath.finalize
+        step = str(faults["pause_commit_step"])
 
-        async def paused_finalize(self):
-            if self.get_final().name == step and self.get_final().parent.name == "checkpoints":
-                print(f"FAULT: pausing before committing checkpoint {step}", flush=True)
-                time.sleep(3600)
-            return await finalize(self)
-        atomicity.AtomicRenameTemporaryPath.finalize = paused_finalize
+        def pausing(finalize):
+            async def paused_finalize(self):
+                if self.get_final().name == step and self.get_final().parent.name == "checkpoints":
+                    print(f"FAULT: pausing before committing checkpoint {step}", flush=True)
+                    time.sleep(3600)
+                return await finalize(self)
+            return paused_finalize
+        # Rename (local disks) and commit file (gs://): ov3.checkpoint.atomicity picks one.
+        for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+            cls.finalize = pausing(cls.finalize)
 
     if "fail_on_process" in faults:
         from ov3 import sharding

@@ -47,6 +47,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ov3 import paths
 from ov3.data import decode, records, resumable
 from ov3.data.convert_inputs import (MAX_MEMBER_BYTES, TAR_PATTERNS, TEXTS_FEATURE, Bad,
                                      ImageFolder, Karpathy, Stats, Table, WebDataset,
@@ -89,7 +90,8 @@ def _convert_shard(i: int, task: Any, sink=None) -> int:
     """Writes output shard i from `task` and marks it done; returns i."""
     reader, job = _WORKER["reader"], _WORKER["job"]
     tick = _Ticker(sink or _WORKER["sink"])
-    writer = records.SplitWriter(*job.writer_args(i), max_pixels=_WORKER["max_pixels"])
+    folder, split, n = job.writer_args(i)
+    writer = records.SplitWriter(folder, split, n, max_pixels=_WORKER["max_pixels"])
     stats, seen, max_texts = Stats(), set(), 0
     sources: dict[str, dict[str, int]] = {"alt_text": {}, "caption": {}}
     for item in reader.read(task, tick, stats):
@@ -108,7 +110,7 @@ def _convert_shard(i: int, task: Any, sink=None) -> int:
     tick.flush()
     job.mark_done(i, writer.close(), {"text_sources": sources, "max_texts": max_texts,
                                       "input_errors": stats.input_errors,
-                                      "bytes_lost": stats.bytes_lost})
+                                      "bytes_lost": stats.bytes_lost}, written_in=folder)
     return i
 
 
@@ -121,15 +123,15 @@ def convert(reader, out: str, split: str, *, num_shards: int, workers: int,
     With num_hosts > 1 this host writes its share of the shards (ov3.data.resumable);
     host 0 waits for the others and writes the manifest, the others return None."""
     classes = getattr(reader, "names", None)  # an image-label set
-    manifest_path = os.path.join(out, records.MANIFEST)
-    if os.path.exists(manifest_path):
+    manifest_path = paths.path(out) / records.MANIFEST
+    if manifest_path.exists():
         old = records.read_manifest(out)
         if classes is not None and old.get("classes") not in (None, classes):
             raise Ov3Error(f"{manifest_path} has other classes ({len(old['classes'])}) than "
                            f"{reader.root} ({len(classes)}): labels would not match between "
                            "splits. Pass the same --classes file for every split.")
-        work = os.path.join(out, f".work-{split}")
-        if split in old["splits"] and not os.path.exists(work) and not overwrite:
+        work = paths.path(out) / f".work-{split}"
+        if split in old["splits"] and not work.exists() and not overwrite:
             print(f"{out}: split {split!r} is already converted "
                   f"({old['splits'][split]['num_examples']} examples); nothing to do. "
                   "Pass --overwrite to convert it again.")

@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 
 READ_SKIP_REASONS = ("missing_image", "missing_text", "bad_json", "duplicate_key", "bad_tar")
@@ -76,10 +77,19 @@ class Stats:
 
 
 def expand_inputs(inputs: Sequence[str], patterns: Sequence[str], what: str) -> list[str]:
-    """Files named, matched by a glob, or in a named folder (matching `patterns`), sorted."""
+    """Files named, matched by a glob, or in a named folder (matching `patterns`), sorted.
+    gs:// inputs too (a glob there matches in the last path component only)."""
     files: list[str] = []
     for item in inputs:
-        if os.path.isdir(item):
+        if paths.is_remote(item):
+            folder, name = (item.rsplit("/", 1) if any(c in item for c in "*?[")
+                            else (item, None))
+            top = paths.path(folder)
+            if name is None and not top.is_dir():
+                found = [item] if top.exists() else []
+            else:
+                found = sorted(str(f) for p in ([name] if name else patterns) for f in top.glob(p))
+        elif os.path.isdir(item):
             found = sorted(f for p in patterns for f in glob.glob(os.path.join(item, p)))
         elif any(c in item for c in "*?["):
             found = sorted(glob.glob(item))
@@ -129,7 +139,7 @@ class WebDataset:
     unit = "B"
 
     def plan(self) -> dict:
-        return {"format": "webdataset", "inputs": [os.path.abspath(f) for f in self.files],
+        return {"format": "webdataset", "inputs": [str(paths.absolute(f)) for f in self.files],
                 "alt_text_from": list(self.alt_text_from),
                 "caption_from": list(self.caption_from),
                 "max_member_bytes": self.max_member_bytes}
@@ -140,15 +150,16 @@ class WebDataset:
         return [self.files[a:b] for a, b in _split_even(len(self.files), n)]
 
     def weight(self, task: list[str]) -> int:
-        return sum(os.path.getsize(f) for f in task)
+        return sum(paths.path(f).stat().length for f in task)
 
     def read(self, task: list[str], tick: Tick, stats: Stats) -> Iterator[Example | Bad]:
         for path in task:
             yield from self._read_tar(path, tick, stats)
 
     def _read_tar(self, path: str, tick: Tick, stats: Stats) -> Iterator[Example | Bad]:
-        size, reported = os.path.getsize(path), 0
-        with open(path, "rb") as fobj:
+        size, reported = paths.path(path).stat().length, 0
+        # A gs:// tar is streamed (gcsfs reads ahead in blocks), never copied to disk.
+        with paths.path(path).open("rb") as fobj:
             group_key, group, start = None, {}, 0  # start: file offset of the group's 1st member
             try:
                 # Streaming mode: members in file order, no index built (tars are big), any

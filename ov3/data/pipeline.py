@@ -43,8 +43,9 @@
   worker_count  [0] grain worker processes; 0 decodes in this process. Programs using
                 workers need an `if __name__ == "__main__":` guard (spawned workers)
   read_threads  [32] threads per process (or per worker) reading and decoding: enough reads
-                in flight to hide a bucket's ~30 ms per record read at ~900 img/s per
-                process (python -m ov3.tools.bench_data --read-latency-ms 0,30)
+                in flight to hide a bucket's ~30 ms per read (data.path=gs://..., read by
+                array_record directly, or a gcsfuse mount) at ~900 img/s per process
+                (python -m ov3.tools.bench_data --read-latency-ms 0,30)
   prefetch      [256] examples buffered ahead per process
   max_pixels    [64 Mi] images with more pixels are skipped (decompression bombs)
   min_side      [8] images with a shorter side are skipped
@@ -87,7 +88,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 from typing import Any
@@ -101,6 +101,7 @@ from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image, ImageEnhance
 
+from ov3 import paths
 from ov3.data import decode, records, shapes
 from ov3.data.tokenizer import Tokenizer
 from ov3.errors import Ov3Error
@@ -522,8 +523,7 @@ def make_process_iterator(data_cfg: ml_collections.ConfigDict, *, mesh: Mesh | N
         raise Ov3Error(f"global_batch_size={global_batch_size} is not divisible by the "
                        f"{process_count} processes; change the batch size.")
     if tokenizer is None:
-        tokenizer = Tokenizer.from_file(_get(data_cfg, "tokenizer")
-                                        or os.path.join(path, "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(_get(data_cfg, "tokenizer") or str(paths.path(path) / "tokenizer.json"))
     sharding = None
     if mesh is not None:
         missing = {"data", "fsdp"} - set(mesh.axis_names)

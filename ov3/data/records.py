@@ -31,6 +31,7 @@ from array_record.python import array_record_module
 from google.protobuf import message
 from tensorflow_datasets.proto import tf_example_pb2
 
+from ov3 import paths
 from ov3.data import decode
 from ov3.errors import Ov3Error
 
@@ -185,24 +186,27 @@ def write_metadata(out_dir: str, splits: Mapping[str, dict], *, name: str = "ov3
     return os.path.join(out_dir, MANIFEST)
 
 
-def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)  # Readers never see half a file.
+def _write_json(path: str | os.PathLike, obj) -> None:
+    text = json.dumps(obj, indent=2)
+    if paths.is_remote(path):  # An object appears whole once its upload ends.
+        paths.path(path).write_text(text)
+        return
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)  # Readers never see half a file.
 
 
 # --- reading -----------------------------------------------------------------------
 
 def read_manifest(path: str) -> dict:
     """The manifest of the dataset folder `path`."""
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.exists(mpath):
+    mpath = paths.path(path) / MANIFEST
+    if not mpath.exists():
         raise Ov3Error(
             f"{mpath} not found: config.data.path must be a folder written by ov3 (e.g. "
             "python -m ov3.data.synthetic --out DIR); a missing manifest also means the "
             "conversion did not finish.")
-    with open(mpath) as f:
-        manifest = json.load(f)
+    manifest = json.loads(mpath.read_text())
     if manifest.get("format") != FORMAT:
         raise Ov3Error(f"{mpath} has format {manifest.get('format')!r}; this ov3 reads "
                        f"{FORMAT!r}. Rewrite the dataset with this version.")
@@ -215,8 +219,8 @@ def split_files(path: str, split: str) -> list[str]:
     if split not in splits:
         raise Ov3Error(f"Split {split!r} is not in {path}; it has {sorted(splits)}. "
                        "Set the split name in the config (e.g. config.data.eval_split).")
-    files = [os.path.join(path, s) for s in splits[split]["shards"]]
-    missing = [f for f in files if not os.path.exists(f)]
+    files = [str(paths.path(path) / s) for s in splits[split]["shards"]]
+    missing = [f for f in files if not paths.path(f).exists()]
     if missing:
         raise Ov3Error(f"Dataset {path} lists shards that are missing: {missing[:3]}...")
     return files
@@ -231,8 +235,7 @@ def add_class_label(out_dir: str, names: Sequence[str], feature: str = "label") 
     _add_feature(out_dir, feature, {
         "pythonClassName": "tensorflow_datasets.core.features.class_label_feature.ClassLabel",
         "classLabel": {"numClasses": str(len(names))}})
-    with open(os.path.join(out_dir, f"{feature}.labels.txt"), "w") as f:
-        f.write("".join(n + "\n" for n in names))
+    (paths.path(out_dir) / f"{feature}.labels.txt").write_text("".join(n + "\n" for n in names))
 
 
 def add_text_list(out_dir: str, feature: str) -> None:
@@ -244,8 +247,7 @@ def add_text_list(out_dir: str, feature: str) -> None:
 
 
 def _add_feature(out_dir: str, name: str, spec: dict) -> None:
-    path = os.path.join(out_dir, "features.json")
-    with open(path) as f:
-        features = json.load(f)
+    path = paths.path(out_dir) / "features.json"
+    features = json.loads(path.read_text())
     features["featuresDict"]["features"][name] = spec
     _write_json(path, features)

@@ -14,18 +14,24 @@ its own inputs, so redoing it never duplicates an example). `finalize` moves the
 shards to `OUT/{split}-{k:05d}-of-{K:05d}.array_record` (empty ones are dropped), returns the
 split's manifest entry and removes the work folder. Every step is atomic or idempotent, so an
 interruption at any point leaves a state a re-run completes.
+
+OUT may be a gs:// folder: a shard is written in a local temporary folder and uploaded before
+its done.json; finalize moves objects within the bucket; the lock file is then a local one
+(it guards against a second job on this machine; hosts are kept apart by their shares).
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
+from ov3 import paths
 from ov3.data import records
 from ov3.errors import Ov3Error
 
@@ -40,16 +46,19 @@ class ShardedJob:
         if not 0 <= host_index < num_hosts:
             raise Ov3Error(f"--host-index {host_index} with --num-hosts {num_hosts}: the "
                            f"index must be 0..{num_hosts - 1}.")
-        if overwrite and num_hosts > 1:
-            raise Ov3Error("--overwrite with --num-hosts > 1 would delete the other hosts' "
-                           "work: run once with --num-hosts 1 --overwrite (or delete "
-                           f"{os.path.join(out, f'.work-{split}')}) first.")
         self.out, self.split, self.num_shards = out, split, num_shards
         self.host_index, self.num_hosts = host_index, num_hosts
-        self.work = os.path.join(out, f".work-{split}")
-        os.makedirs(out, exist_ok=True)
-        # Before anything is read or deleted.
-        self._lock = _lock(f"{self.work}.{host_index}.lock")
+        self.work = paths.path(out) / f".work-{split}"
+        if overwrite and num_hosts > 1:
+            raise Ov3Error("--overwrite with --num-hosts > 1 would delete the other hosts' "
+                           f"work: run once with --num-hosts 1 --overwrite (or delete "
+                           f"{self.work}) first.")
+        paths.makedirs(out)
+        lock = f"{self.work}.{host_index}.lock"
+        if paths.is_remote(out):  # No locks on objects: a local file guards this machine.
+            lock = os.path.join(tempfile.gettempdir(),
+                                f"ov3-{hashlib.sha1(lock.encode()).hexdigest()[:16]}.lock")
+        self._lock = _lock(lock)  # Before anything is read or deleted.
         try:
             self._start(plan, overwrite)
         except BaseException:
@@ -59,12 +68,11 @@ class ShardedJob:
     def _start(self, plan: dict[str, Any], overwrite: bool) -> None:
         plan = {**plan, "split": self.split, "num_shards": self.num_shards,
                 "num_hosts": self.num_hosts}
-        plan_path = os.path.join(self.work, "plan.json")
-        if overwrite and os.path.exists(self.work):
-            shutil.rmtree(self.work)
-        if os.path.exists(plan_path):
-            with open(plan_path) as f:
-                old = json.load(f)
+        plan_path = self.work / "plan.json"
+        if overwrite and self.work.exists():
+            self.work.rmtree()
+        if plan_path.exists():
+            old = json.loads(plan_path.read_text())
             if old != plan:
                 changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
                 raise Ov3Error(
@@ -72,17 +80,23 @@ class ShardedJob:
                     f"{', '.join(changed)}). Re-run with the same arguments to resume it, or "
                     "pass --overwrite to start this split over.")
         else:  # Hosts starting at once write the same plan; the file is replaced whole.
-            os.makedirs(self.work, exist_ok=True)
+            paths.makedirs(self.work)
             records._write_json(plan_path, plan)
 
     def __getstate__(self) -> dict:  # Workers get a copy without the lock.
         return {**self.__dict__, "_lock": None}
 
-    def shard_dir(self, i: int) -> str:
-        return os.path.join(self.work, f"{i:05d}")
+    def shard_dir(self, i: int) -> paths.Path:
+        return self.work / f"{i:05d}"
 
     def is_done(self, i: int) -> bool:
-        return os.path.exists(os.path.join(self.shard_dir(i), DONE))
+        return (self.shard_dir(i) / DONE).exists()
+
+    def done(self) -> set[int]:
+        """The finished shards, from one listing (a bucket answers it in one request)."""
+        if not self.work.exists():
+            return set()
+        return {int(p.parent.name) for p in self.work.glob(f"*/{DONE}")}
 
     def mine(self) -> list[int]:
         """The shards this host writes."""
@@ -91,15 +105,17 @@ class ShardedJob:
     def pending(self) -> list[int]:
         """This host's shards still to write; the leftovers of its interrupted ones are
         deleted (never another host's)."""
-        todo = [i for i in self.mine() if not self.is_done(i)]
+        done = self.done()
+        todo = [i for i in self.mine() if i not in done]
         for i in todo:
-            shutil.rmtree(self.shard_dir(i), ignore_errors=True)
+            if self.shard_dir(i).exists():
+                self.shard_dir(i).rmtree()
         return todo
 
     def wait_for_all(self, poll_s: float = 2.0) -> None:
         """Returns once every host's shards are done (host 0 calls this before finalize)."""
         said = 0.0
-        while missing := [i for i in range(self.num_shards) if not self.is_done(i)]:
+        while missing := sorted(set(range(self.num_shards)) - self.done()):
             if time.monotonic() - said > 60:
                 hosts = sorted({i % self.num_hosts for i in missing})
                 print(f"waiting for {len(missing)} shards of hosts {hosts} (run each of them "
@@ -108,43 +124,53 @@ class ShardedJob:
             time.sleep(poll_s)
 
     def writer_args(self, i: int) -> tuple[str, str, int]:
-        """(out_dir, split, num_shards) for the SplitWriter of shard i."""
-        os.makedirs(self.shard_dir(i), exist_ok=True)
-        return self.shard_dir(i), self.split, 1
+        """(out_dir, split, num_shards) for the SplitWriter of shard i: its folder, or for a
+        bucket a local temporary one that mark_done uploads."""
+        if paths.is_remote(self.out):
+            return tempfile.mkdtemp(prefix=f"ov3-{self.split}-{i:05d}-"), self.split, 1
+        paths.makedirs(self.shard_dir(i))
+        return str(self.shard_dir(i)), self.split, 1
 
-    def mark_done(self, i: int, entry: dict, stats: dict | None = None) -> None:
-        """Records shard i as finished (`entry`: what its SplitWriter.close() returned)."""
-        records._write_json(os.path.join(self.shard_dir(i), DONE),
-                            {"entry": entry, "stats": stats or {}})
+    def mark_done(self, i: int, entry: dict, stats: dict | None = None,
+                  written_in: str = "") -> None:
+        """Records shard i as finished (`entry`: what its SplitWriter.close() returned;
+        `written_in`: the folder writer_args gave, uploaded first when it is a local stand-in)."""
+        if written_in and paths.path(written_in) != self.shard_dir(i):
+            for name in entry["shards"]:
+                with open(os.path.join(written_in, name), "rb") as src, \
+                        (self.shard_dir(i) / name).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+            shutil.rmtree(written_in)
+        records._write_json(self.shard_dir(i) / DONE, {"entry": entry, "stats": stats or {}})
 
     def done_info(self, i: int) -> dict:
-        with open(os.path.join(self.shard_dir(i), DONE)) as f:
-            return json.load(f)
+        return json.loads((self.shard_dir(i) / DONE).read_text())
 
     def finalize(self) -> tuple[dict, list[dict]]:
         """Moves the shards into place; returns (manifest entry of the split, shard stats)."""
-        missing = [i for i in range(self.num_shards) if not self.is_done(i)]
+        missing = sorted(set(range(self.num_shards)) - self.done())
         if missing:
             raise Ov3Error(f"{self.work}: shards {missing[:5]} are not finished; re-run.")
+        out = paths.path(self.out)
         infos = [self.done_info(i) for i in range(self.num_shards)]
         kept = [i for i, x in enumerate(infos) if x["entry"]["num_examples"]] or [0]
         names = [f"{self.split}-{k:05d}-of-{len(kept):05d}.array_record"
                  for k in range(len(kept))]
         # Shards of this split from an earlier run with another shard count would be read too.
-        for old in glob.glob(os.path.join(self.out, f"{self.split}-*-of-*.array_record")):
-            if os.path.basename(old) not in names:
-                os.remove(old)
+        for old in out.glob(f"{self.split}-*-of-*.array_record"):
+            if old.name not in names:
+                old.unlink()
         for i, name in zip(kept, names):
-            src = os.path.join(self.shard_dir(i), infos[i]["entry"]["shards"][0])
-            if os.path.exists(src):  # else moved by a finalize that was interrupted
-                os.replace(src, os.path.join(self.out, name))
+            src = self.shard_dir(i) / infos[i]["entry"]["shards"][0]
+            if src.exists():  # else moved by a finalize that was interrupted
+                src.replace(out / name)  # A rename here; a copy and delete in a bucket.
         skipped: dict[str, int] = {}
         for x in infos:
             for reason, n in x["entry"]["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + n
         entry = {
             "num_examples": sum(x["entry"]["num_examples"] for x in infos),
-            "num_bytes": sum(os.path.getsize(os.path.join(self.out, n)) for n in names),
+            "num_bytes": sum((out / n).stat().length for n in names),
             "shards": names,
             "shard_lengths": [infos[i]["entry"]["num_examples"] for i in kept],
             "skipped": dict(sorted(skipped.items())),
@@ -153,7 +179,8 @@ class ShardedJob:
 
     def cleanup(self) -> None:
         """Removes the work folder (call once the manifest lists the split)."""
-        shutil.rmtree(self.work, ignore_errors=True)
+        if self.work.exists():
+            self.work.rmtree()
 
     def release(self) -> None:
         """Lets another job work on this split (call when done, also after an error)."""
@@ -187,7 +214,7 @@ def merge_metadata(out: str, split: str, entry: dict, *, name: str, description:
     by split name. Returns the manifest.
     """
     splits, old_extra = {}, {}
-    if os.path.exists(os.path.join(out, records.MANIFEST)):
+    if (paths.path(out) / records.MANIFEST).exists():
         old = records.read_manifest(out)
         splits = old.pop("splits")
         old_extra = {k: v for k, v in old.items()

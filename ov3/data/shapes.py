@@ -7,14 +7,13 @@ nothing here imports JAX.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import math
-import os
 
 import numpy as np
 from PIL import Image
 
+from ov3 import paths
 from ov3.data import records
 from ov3.errors import Ov3Error
 
@@ -76,17 +75,20 @@ def check_vae(path: str, vae_path: str, latent_norm: str) -> None:
 
 def vae_fingerprint(vae_path: str) -> str:
     """sha256 over the VAE's config and weight files (what from_pretrained reads)."""
-    if os.path.isfile(vae_path):
-        files = [vae_path]
+    root = paths.path(vae_path)
+    if root.is_file():
+        files = [root]
     else:
-        files = sorted(f for pattern in ("**/config.json", "**/*.safetensors")
-                       for f in glob.glob(os.path.join(vae_path, pattern), recursive=True))
+        # As glob("**/...") picked them: hidden folders (e.g. huggingface-cli's .cache/) skipped.
+        files = sorted((f for f in paths.files_under(root) if f.name == "config.json" or f.suffix == ".safetensors"
+                        if not any(p.startswith(".") for p in f.relative_to(root).parts)),
+                       key=str) if root.is_dir() else []
     if not files:
         raise Ov3Error(f"--vae {vae_path}: no config.json / *.safetensors found.")
     h = hashlib.sha256()
     for f in files:
-        h.update(os.path.relpath(f, vae_path).encode() if f != vae_path else b"")
-        with open(f, "rb") as fh:
+        h.update(str(f.relative_to(root)).encode() if f != root else b"")
+        with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()

@@ -42,6 +42,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -79,18 +80,20 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
         """Loads a BERT `vocab.txt`, a `tokenizer.json`, or a folder holding either."""
-        if os.path.isdir(path):
+        path = os.fspath(path)
+        where = paths.path(path)
+        if where.is_dir():
             for name in ("tokenizer.json", "vocab.txt"):
-                if os.path.exists(os.path.join(path, name)):
-                    return cls.from_file(os.path.join(path, name))
+                if (where / name).exists():
+                    return cls.from_file(str(where / name))
             raise Ov3Error(f"Tokenizer folder {path} has neither tokenizer.json nor "
                            "vocab.txt; pass the file itself.")
-        if not os.path.exists(path):
+        if not where.exists():
             raise Ov3Error(f"Tokenizer file {path} does not exist. Pass a BERT vocab.txt or "
                            "a tokenizer.json (python -m ov3.data.synthetic writes one).")
         if path.endswith(".json"):
             try:
-                tok = tokenizers.Tokenizer.from_file(path)
+                tok = tokenizers.Tokenizer.from_str(where.read_text(encoding="utf-8"))
             except Exception as e:  # tokenizers raises a bare Exception on bad JSON.
                 raise Ov3Error(f"Tokenizer file {path} is not a valid tokenizers "
                                f"tokenizer.json: {e}") from e
@@ -162,9 +165,8 @@ class Tokenizer:
 
 def _bert_uncased(vocab_path: str) -> tokenizers.Tokenizer:
     """BERT's uncased pipeline over a vocab.txt (what tensorflow_text.BertTokenizer does)."""
-    with open(vocab_path, encoding="utf-8") as f:
-        # Not splitlines(): the vocabulary may hold unusual line-break characters as tokens.
-        tokens = f.read().split("\n")
+    # Not splitlines(): the vocabulary may hold unusual line-break characters as tokens.
+    tokens = paths.path(vocab_path).read_text(encoding="utf-8").split("\n")
     if tokens and tokens[-1] == "":
         tokens.pop()
     if UNK not in tokens:

@@ -14,7 +14,6 @@ float32 convolution uses bf16/TF32 passes, which moves FID in the reported digit
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -265,13 +265,13 @@ def load_fid_inception(path: str) -> dict[str, Any]:
     The file is a torch pickle, so reading it needs torch (CPU build is enough); a
     `.npz` holding the same state-dict keys is read with numpy alone.
     """
-    if not os.path.isfile(path):
+    if not paths.path(path).is_file():
         raise Ov3Error(f"FID Inception weights not found at '{path}'. Download "
                        f"{FID_WEIGHTS_FILE} (pytorch-fid's port of TF inception-2015-12-05) "
                        f"from {FID_WEIGHTS_URL} and point the evaluator's inception path "
                        f"at it; nothing is downloaded at run time.")
     if path.endswith(".npz"):
-        with np.load(path) as f:
+        with np.load(paths.readable(path)) as f:
             return variables_from_state_dict(dict(f), source=path)
     try:
         import torch  # pylint: disable=g-import-not-at-top
@@ -279,7 +279,7 @@ def load_fid_inception(path: str) -> dict[str, Any]:
         raise Ov3Error(f"reading '{path}' needs torch (the CPU wheel is enough), or "
                        "convert it once to a .npz of the same state-dict keys.") from e
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = torch.load(paths.readable(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated download or an HTML error page
         raise Ov3Error(f"could not read '{path}' as a torch state dict ({e}); download "
                        f"it again from {FID_WEIGHTS_URL}.") from e

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 from typing import Any
+
+from ov3 import paths
 
 # metric -> value, ImageNet val 256 px.
 PAPER = {
@@ -73,8 +74,8 @@ def markdown(results: dict[str, dict[str, float]], specs: dict[str, dict[str, An
     return "\n".join(out) + "\n"
 
 
-def write(workdir: pathlib.Path, step: int, results: dict[str, dict[str, float]],
-          specs: dict[str, dict[str, Any]], extra: dict[str, Any]) -> tuple[pathlib.Path, pathlib.Path]:
+def write(workdir: paths.Path, step: int, results: dict[str, dict[str, float]],
+          specs: dict[str, dict[str, Any]], extra: dict[str, Any]) -> tuple[paths.Path, paths.Path]:
     """DIR/eval_<step>.json and DIR/eval_<step>.md; evaluators of an earlier run on the same
     step that this one did not redo (`--only`) are kept."""
     js, md = workdir / f"eval_{step}.json", workdir / f"eval_{step}.md"

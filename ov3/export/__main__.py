@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 
 FORMATS = ("open_clip", "hf", "decoder")
@@ -26,6 +27,9 @@ def export(workdir: str | Path, out: str | Path, fmt: str, step: int | None = No
         raise Ov3Error(f"--format {fmt!r} is not one of {FORMATS}.")
     if beit and fmt != "hf":
         raise Ov3Error("--beit adds a transformers BEiT folder; use it with --format hf.")
+    if paths.is_remote(out):
+        raise Ov3Error(f"--out {out}: exports are written to a local folder (then copy it, e.g. gcloud storage "
+                       "cp -r); --workdir may be gs://.")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise Ov3Error(f"--out {out} exists and is not empty; pick a new folder (exports never overwrite).")

@@ -21,13 +21,14 @@ forward pass is a warning, since the weights still make a good initialisation.
 from __future__ import annotations
 
 import json
+import os
 import warnings
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 from ov3.export import layout
 from ov3.export import open_clip as oc_export
@@ -41,9 +42,10 @@ TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln
                  "text_projection")
 
 
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """safetensors, or a torch pickle (open_clip_pytorch_model.bin, epoch_N.pt), as float32 numpy."""
-    path = Path(path)
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """safetensors, or a torch pickle (open_clip_pytorch_model.bin, epoch_N.pt), as float32 numpy;
+    local or gs://."""
+    path = paths.path(path)
     if not path.is_file():
         raise Ov3Error(f"open_clip checkpoint {path} does not exist.")
     if path.suffix == ".safetensors":
@@ -62,7 +64,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             raise Ov3Error(f"{path} is a torch pickle; reading it needs torch (pip install torch), "
                            "or convert it to .safetensors first.") from None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(paths.readable(path), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated zip, a pickle with code in it, not torch at all
             raise _unreadable(path, e) from e
         if isinstance(state, dict) and "state_dict" in state:  # open_clip training checkpoints
@@ -74,7 +76,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in state.items()}
 
 
-def _unreadable(path: Path, problem: Any) -> Ov3Error:
+def _unreadable(path: paths.Path, problem: Any) -> Ov3Error:
     if isinstance(problem, BaseException):
         lines = str(problem).strip().splitlines() or [""]
         problem = f"{type(problem).__name__}: {lines[0][:200]}"
@@ -175,12 +177,12 @@ def check_config(oc_config: Mapping[str, Any], source: str) -> None:
                       + "\n  ".join(notes), stacklevel=3)
 
 
-def load(path: str | Path, spec: ModelSpec, grid: int, towers: tuple[str, ...] = ("encoder", "text")) -> Params:
+def load(path: str | os.PathLike, spec: ModelSpec, grid: int, towers: tuple[str, ...] = ("encoder", "text")) -> Params:
     """Checkpoint file -> {"encoder": ..., ["text": ..., "logit_scale": ...]} Flax subtrees.
 
     `grid` is the latent grid side of the configured model (config.image_size // 8). The text
     tower is imported when it is in `towers` and in the checkpoint."""
-    path = Path(path)
+    path = paths.path(path)
     oc_config = path.with_name(oc_export.CONFIG_NAME)
     if oc_config.is_file():
         check_config(json.loads(oc_config.read_text()), str(oc_config))

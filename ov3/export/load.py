@@ -15,7 +15,7 @@ laptop. `params` must be the plain (unboxed) tree of `OV3Model.init(...)["params
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 from ov3.models.ov3 import ModelSpec, OV3Model
 
@@ -35,8 +36,8 @@ STATE_ITEM = "state"
 Params = dict[str, Any]
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / CONFIG_NAME
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    path = paths.path(workdir) / CONFIG_NAME
     if not path.is_file():
         raise Ov3Error(f"{path} does not exist; --workdir must be a training workdir (the trainer "
                        f"writes {CONFIG_NAME} there when a run starts).")
@@ -44,23 +45,23 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise Ov3Error(f"{path} is not valid JSON ({e}); restore it from the run's launch config.") from None
-    vae_config = Path(workdir) / VAE_CONFIG_NAME
+    vae_config = paths.path(workdir) / VAE_CONFIG_NAME
     if vae_config.is_file():  # the export's VAE facts (ov3.export.card.vae_facts), not the path
         config.vae_config = json.loads(vae_config.read_text())
     return config
 
 
-def load_params(workdir: str | Path, step: int | None = None) -> tuple[ml_collections.ConfigDict, Params]:
+def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[ml_collections.ConfigDict, Params]:
     """(config, params) of checkpoint `step` (default: the latest) as float32 numpy arrays."""
     import orbax.checkpoint as ocp  # Heavy import; only the checkpoint readers need it.
 
+    from ov3 import checkpoint as ckpt_lib
     config = read_config(workdir)
-    ckpt_dir = Path(workdir).absolute() / CHECKPOINT_DIR
-    if not ckpt_dir.is_dir():
+    ckpt_dir = ckpt_lib.directory(workdir)
+    if not ckpt_dir.exists():
         raise Ov3Error(f"{ckpt_dir} does not exist: the run in {workdir} has not saved a checkpoint "
                        "yet (see config.checkpoint_every).")
-    with ocp.CheckpointManager(ckpt_dir) as manager:
-        steps = manager.all_steps()
+    steps = ckpt_lib.finished_steps(workdir)
     if not steps:
         raise Ov3Error(f"{ckpt_dir} holds no finished checkpoint.")
     if step is None:
@@ -148,10 +149,10 @@ def check_params(params: Params, spec: ModelSpec) -> None:
             "\nExport with the config.json the run was trained with.")
 
 
-def tokenizer_file(workdir: str | Path, config: ml_collections.ConfigDict) -> Path | None:
+def tokenizer_file(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> paths.Path | None:
     """The workdir's copy of the tokenizer, else config.data.tokenizer if it still exists."""
-    local = Path(workdir) / TOKENIZER_NAME
+    local = paths.path(workdir) / TOKENIZER_NAME
     if local.is_file():
         return local
     configured = config.get("data", {}).get("tokenizer", "")
-    return Path(configured) if configured and Path(configured).exists() else None
+    return paths.path(configured) if configured and paths.path(configured).exists() else None

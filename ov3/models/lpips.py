@@ -19,8 +19,8 @@ Weights (nothing is downloaded at run time):
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 from ov3.models.vae_weights import read_safetensors, write_safetensors
 
@@ -101,7 +102,7 @@ def lpips_fn(params: PyTree, x: Array, y: Array) -> Array:
     return LPIPS().apply({"params": params}, x, y)
 
 
-def _read(path: Path, what: str, how: str) -> dict[str, np.ndarray]:
+def _read(path: paths.Path, what: str, how: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise Ov3Error(f"{what} {path} does not exist. {how}")
     if path.suffix == ".safetensors":
@@ -114,13 +115,13 @@ def _read(path: Path, what: str, how: str) -> dict[str, np.ndarray]:
             "with torch: params = load_lpips(...); save_lpips(params, 'lpips_vgg.safetensors')."
         ) from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(paths.readable(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or not a state dict
         raise Ov3Error(f"{what} {path} could not be read by torch.load ({e}). {how}") from None
     return {k: v.float().numpy() for k, v in state.items()}
 
 
-def _default_heads() -> Path:
+def _default_heads() -> paths.Path:
     spec = importlib.util.find_spec("lpips")
     if spec is None or not spec.submodule_search_locations:
         raise Ov3Error(
@@ -128,7 +129,7 @@ def _default_heads() -> Path:
             "`pip install --no-deps lpips` (its wheel ships lpips/weights/v0.1/vgg.pth), or pass "
             "heads_path to a vgg.pth/.safetensors file with keys lin0..lin4.model.1.weight."
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "vgg.pth"
+    return paths.path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "vgg.pth"
 
 
 def _expected() -> dict[str, tuple[int, ...]]:
@@ -142,9 +143,9 @@ def _expected() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_lpips(vgg_path: str | Path, heads_path: str | Path | None = None) -> tuple[LPIPS, PyTree]:
+def load_lpips(vgg_path: str | os.PathLike, heads_path: str | os.PathLike | None = None) -> tuple[LPIPS, PyTree]:
     """Loads LPIPS-VGG weights -> (module, params). See the module docstring for the files."""
-    vgg_path = Path(vgg_path)
+    vgg_path = paths.path(vgg_path)
     state = _read(vgg_path, "VGG16 weights",
                   f"Download torchvision's VGG16 ImageNet weights on a machine with internet "
                   f"({VGG_URL}) and pass that file.")
@@ -152,7 +153,7 @@ def load_lpips(vgg_path: str | Path, heads_path: str | Path | None = None) -> tu
     state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     has_heads = any(k.startswith("lin") for k in state)
     if heads_path is not None or not has_heads:
-        heads = Path(heads_path) if heads_path is not None else _default_heads()
+        heads = paths.path(heads_path) if heads_path is not None else _default_heads()
         state.update(_read(heads, "LPIPS heads",
                            "It ships in the lpips wheel as lpips/weights/v0.1/vgg.pth."))
     expected = _expected()
@@ -180,7 +181,7 @@ def load_lpips(vgg_path: str | Path, heads_path: str | Path | None = None) -> tu
     return LPIPS(), params
 
 
-def save_lpips(params: Mapping[str, Any], path: str | Path) -> None:
+def save_lpips(params: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Writes trunk + heads as one .safetensors (torch key names) that loads without torch."""
     out = {}
     for name, p in params.items():

@@ -15,9 +15,9 @@ partial load. Safetensors are read with numpy (no torch on training hosts).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from ov3 import paths
 from ov3.errors import Ov3Error
 from ov3.models.vae import (FLUX1_DEV_CONFIG, VAE, AutoencoderKL, VAEConfig, check_latent_norm,
                             param_shapes)
@@ -213,13 +214,15 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "BF16": ml_dtypes.bfloat16}
 
 
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as numpy (fp32/fp16/bf16 supported), no torch."""
-    path = Path(path)
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as numpy (fp32/fp16/bf16 supported), no torch.
+    A local file is memory-mapped; a gs:// one is read whole (FLUX's ae.safetensors: 335 MB)."""
+    path = paths.path(path)
     if not path.is_file():
         raise Ov3Error(f"{path} does not exist.")
     try:
-        data = np.memmap(path, dtype=np.uint8, mode="r")
+        data = (np.frombuffer(path.read_bytes(), np.uint8) if paths.is_remote(path)
+                else np.memmap(path, dtype=np.uint8, mode="r"))
         n = int(np.frombuffer(data[:8].tobytes(), "<u8")[0])
         header = json.loads(data[8:8 + n].tobytes())
         header.pop("__metadata__", None)
@@ -237,10 +240,10 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | Path) -> None:
-    from safetensors.numpy import save_file  # pure-python + numpy, no torch
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+    from safetensors.numpy import save  # pure-python + numpy, no torch
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+    paths.path(path).write_bytes(save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
 
 
 # Older diffusers VAE files (many SD-1.x ones) still use the pre-0.14 attention names, which
@@ -256,7 +259,7 @@ def _rename_deprecated(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _resolve(path: Path) -> tuple[str, Path, Path | None]:
+def _resolve(path: paths.Path) -> tuple[str, paths.Path, paths.Path | None]:
     """-> ("diffusers", weights, config.json) or ("flux", ae.safetensors, None)."""
     if path.is_file():
         if path.name == "config.json":
@@ -282,14 +285,14 @@ def _resolve(path: Path) -> tuple[str, Path, Path | None]:
     raise Ov3Error(f"VAE checkpoint {path} does not exist. {_HOW_TO_GET}")
 
 
-def from_pretrained(path: str | Path, dtype: Any = jnp.float32, latent_norm: str = "scale",
+def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, latent_norm: str = "scale",
                     *, remat_decoder: bool = False) -> VAE:
     """Loads a diffusers VAE folder (or one with a `vae/` subfolder) or FLUX's ae.safetensors.
 
     `dtype` is the compute dtype; params are fp32 whatever the file stores.
     """
     check_latent_norm(latent_norm)
-    kind, weights, config_path = _resolve(Path(path))
+    kind, weights, config_path = _resolve(paths.path(path))
     tensors = read_safetensors(weights)
     if kind == "diffusers":
         try:
@@ -309,9 +312,9 @@ def from_pretrained(path: str | Path, dtype: Any = jnp.float32, latent_norm: str
     return VAE(AutoencoderKL(config, dtype, remat_decoder), params, config, latent_norm)
 
 
-def save_pretrained(vae: VAE, path: str | Path) -> None:
+def save_pretrained(vae: VAE, path: str | os.PathLike) -> None:
     """Writes the diffusers layout (config.json + diffusion_pytorch_model.safetensors, fp32)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = paths.path(path)
+    paths.makedirs(path)
     (path / "config.json").write_text(json.dumps(vae.config.to_diffusers_dict(), indent=2) + "\n")
     write_safetensors(params_to_state_dict(vae.params), path / WEIGHTS_NAME)

@@ -34,10 +34,11 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import sys
 import time
 from typing import Any
+
+from ov3 import paths
 
 VOCAB_SIZE = 32000  # OpenVision's BERT WordPiece vocabulary padded to 32000
 LIBTPU_HINT = ("compiling for a TPU topology needs libtpu importable: `pip install --target DIR libtpu` "
@@ -46,7 +47,7 @@ LIBTPU_HINT = ("compiling for a TPU topology needs libtpu importable: `pip insta
 
 def vae_config(cfg: Any) -> Any:
     from ov3.models import vae as vae_lib
-    folder = pathlib.Path(cfg.vae.path)
+    folder = paths.path(cfg.vae.path)
     for candidate in (folder / "config.json", folder / "vae" / "config.json"):
         if candidate.is_file():
             return vae_lib.VAEConfig.from_dict(json.loads(candidate.read_text()), str(candidate))
@@ -56,7 +57,7 @@ def vae_config(cfg: Any) -> Any:
 def vocab_size(cfg: Any) -> int:
     """The size of the config's tokenizer when its file is on disk (the demo's), else VOCAB_SIZE."""
     from ov3.train import tokenizer_path
-    path = pathlib.Path(tokenizer_path(cfg))
+    path = paths.path(tokenizer_path(cfg))
     if not path.is_file():
         return VOCAB_SIZE
     from ov3.data.tokenizer import Tokenizer
