@@ -138,3 +138,20 @@ def test_config_rejects_a_decoder_patch_and_unknown_texts():
     cfg.loss.contrastive_texts = ("alt_text", "caption")
     with pytest.raises(Ov3Error, match=r"(?s)contrastive_texts.*model.decoder='B/2'.*use 'B/1'"):
         validate(cfg)
+
+
+def test_ov3_b_no_vae_config_is_the_pixel_baseline():
+    """`configs/ov3_b.py:pretrain,ablation=no_vae`: ViT-B/16 on pixels (64 tokens at 128 px, as
+    VAE x8 + B/2), no VAE terms in the step's FLOPs, the same two contrastive positives."""
+    from ov3 import flops
+    from ov3.config import validate
+    from ov3.tools import summary
+    from tests.test_family import load
+    cfg = load("ov3_b.py:pretrain,ablation=no_vae")
+    validate(cfg)
+    assert (cfg.model.input, cfg.model.encoder, cfg.model.decoder) == ("pixels", "B/16", "B/1")
+    task = summary.abstract_task(cfg)
+    assert task.pixels and task.latent_size == 128
+    costs = flops.task_costs(cfg, task)
+    assert set(costs) == {"encoder", "text", "caption", "decoder"}
+    assert flops.train_flops_per_example(costs) / 1e9 == pytest.approx(163.47, abs=0.01)

@@ -215,15 +215,16 @@ def _grouped(x: Array, groups: int) -> Array:
     return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups).astype(jnp.float32)
 
 
-def _gn_moments(xg: Array) -> tuple[Array, Array]:
-    """Per-(example, group) mean and 1/std of fp32 (B, H, W, G, Cg), in one pass over x.
+def _gn_moments(x: Array, groups: int) -> tuple[Array, Array]:
+    """Per-(example, group) mean and 1/std of NHWC x as fp32 (B, 1, 1, G, 1), in one pass.
 
     E[d] and E[d^2] are reduced together (one read of x), around a shift taken from the
     group's values at the first pixel: that keeps E[d^2] - E[d]^2 from cancelling when
     |mean| >> std, which the unshifted one-pass form does in fp32 (two-pass needs a second
-    read of x)."""
-    shift = jnp.mean(xg[:, :1, :1], axis=_GN_AXES, keepdims=True)
-    d = xg - shift
+    read of x). The pixel is sliced before the group reshape: sliced after it, the compiled
+    TPU program copied the whole input to another layout to take that slice."""
+    shift = jnp.mean(_grouped(x[:, :1, :1], groups), axis=_GN_AXES, keepdims=True)
+    d = _grouped(x, groups) - shift
     m1 = jnp.mean(d, axis=_GN_AXES, keepdims=True)
     m2 = jnp.mean(d * d, axis=_GN_AXES, keepdims=True)
     return shift + m1, jax.lax.rsqrt(jnp.maximum(m2 - m1 * m1, 0.0) + _GN_EPS)
@@ -248,7 +249,7 @@ def group_norm(x: Array, scale: Array, bias: Array, groups: int, silu: bool) -> 
 
 def _group_norm_fwd(x, scale, bias, groups, silu):
     xg = _grouped(x, groups)
-    mean, rstd = _gn_moments(xg)
+    mean, rstd = _gn_moments(x, groups)
     y = _gn_affine((xg - mean) * rstd, scale, bias, silu)[1]
     return y.reshape(x.shape).astype(x.dtype), (x, mean, rstd, scale, bias)
 
