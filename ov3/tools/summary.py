@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 from typing import Any
