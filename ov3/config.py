@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
                                 # are moved to DIR/discarded_checkpoints), e.g. when the latest is damaged
     c.stop_grace_s = 300        # after SIGTERM: seconds to reach a step boundary and save before exiting unsaved
     c.nonfinite = "stop"        # "stop": end the run at a non-finite loss/grad; "skip": drop that update
-    c.recon_grid_every = 0      # write a PNG grid of held-out reconstructions every N steps (0: at the end)
+    c.recon_grid_every = 0      # also write the PNG grid of held-out reconstructions every N steps (0: only at the end)
     c.init_from = ""            # params from a run dir's latest checkpoint (or DIR/checkpoints/STEP), position
                                 # tables resized, or from an open_clip checkpoint file/folder (released
                                 # OpenVision 3 weights); fresh optimizer, step 0 (ov3/init_from.py)

@@ -51,8 +51,9 @@ class TrainState:
 def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup to base_lr * batch / 256, then cosine to zero at total_steps."""
     peak = cfg.optim.base_lr * cfg.batch_size / 256
-    warmup = min(cfg.optim.warmup_steps, cfg.total_steps - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), cfg.total_steps, end_value=0.0)
+    warmup = max(min(cfg.optim.warmup_steps, cfg.total_steps - 1), 1)
+    # optax needs a decay phase of at least one step: a one-step run (a smoke test) is allowed.
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(cfg.total_steps, warmup + 1), end_value=0.0)
 
 
 def decays(path: tuple, _: Any) -> bool:
@@ -385,6 +386,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     step_flops = flops_lib.train_flops_per_example(
         flops_lib.task_costs(cfg, task, cached_latents="latent" in batch)) * cfg.batch_size
 
+    held_out: dict[str, Any] = {}
+
+    def held_out_batch() -> dict[str, Any]:
+        """The first held-out batch, read once: every reconstruction grid shows the same images."""
+        if not held_out:
+            held_out.update(next(pipeline.make_iterator(
+                cfg.data, mesh=mesh, global_batch_size=cfg.batch_size, image_size=cfg.image_size,
+                split=cfg.data.eval_split, train=False, seed=cfg.seed, tokenizer=tokenizer)))
+        return held_out
+
     progress = metrics_lib.Progress(cfg.total_steps, start)  # after compiling: the ETA counts steps only
     last_logged: dict[str, float] = {}
     pending = None  # metrics of the previous step, checked one step late to keep dispatch async
@@ -437,17 +448,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         except BaseException:
             checkpointer.wait()  # the save issued above completes before the error ends the run
             raise
+        if cfg.recon_grid_every and step % cfg.recon_grid_every == 0 and step < cfg.total_steps:
+            t_grid = time.time()
+            write_reconstruction_grid(trainer, state, frozen,
+                                      pipeline.image_to_float(held_out_batch()["image"][:8]), workdir, writer, step)
+            window_start += time.time() - t_grid  # like evaluators: not step time
     stop.where = f"writing checkpoint {step} and the final outputs"
     checkpointer.wait()
     if step == cfg.total_steps:
-        held_out = next(pipeline.make_iterator(cfg.data, mesh=mesh, global_batch_size=cfg.batch_size,
-                                               image_size=cfg.image_size, split=cfg.data.eval_split,
-                                               train=False, seed=cfg.seed, tokenizer=tokenizer))
-        images = pipeline.image_to_float(held_out["image"][:8])
-        path = write_reconstruction_grid(trainer, state, frozen, images, workdir, writer, step)
+        path = write_reconstruction_grid(trainer, state, frozen,
+                                         pipeline.image_to_float(held_out_batch()["image"][:8]), workdir, writer, step)
         print(f"wrote {path}", flush=True)
         if cfg.task == "vae" and jax.process_index() == 0:
-            print(f"wrote the fitted VAE to {task.save_vae(state.params, held_out['image'], workdir / 'vae')}")
+            print(f"wrote the fitted VAE to {task.save_vae(state.params, held_out_batch()['image'], workdir / 'vae')}")
     checkpointer.close()
     writer.close()
     stop.close()
