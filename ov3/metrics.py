@@ -125,7 +125,7 @@ def truncate_jsonl(path: str | os.PathLike, step: int) -> int:
     """Drop the rows after `step` (a resumed run logs those steps again); returns how many.
     So every step of DIR/metrics.jsonl holds the rows of the run that produced the checkpoints."""
     path = paths.path(path)
-    if not path.is_file():
+    if not path.is_file() or path.stat().length == 0:  # nothing logged (or not a regular file: never read it)
         return 0
     rows = path.read_text().splitlines(keepends=True)
     kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
