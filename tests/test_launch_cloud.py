@@ -20,6 +20,7 @@ import time
 import pytest
 
 from ov3 import metrics as metrics_lib
+from ov3 import paths
 from tests.helpers import make_assets
 from tests import test_reliability
 from tests.test_reliability import free_port, started
@@ -81,9 +82,10 @@ def slice_env(tmp_path):
         mounted.unlink()
 
 
-def test_tpu_vm_slice_lifecycle_with_preemption(slice_env):
+def test_tpu_vm_slice_lifecycle_with_preemption(slice_env, gcs):
     env, tmp = slice_env["env"], slice_env["tmp"]
-    logs, workdir = tmp / "logs", tmp / "run's dir"  # a quote and a space: every value is quoted
+    # The workdir is in the GCS stand-in, as on a real slice; a quote and a space: every value is quoted.
+    logs, workdir = tmp / "logs", paths.path(gcs.bucket("ov3-runs")) / f"tpu-{os.getpid()}" / "run's dir"
     where = ["--name", "s", "--zone", "z"]
 
     def tpu(*args, extra_env=None, timeout=300):
