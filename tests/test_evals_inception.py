@@ -11,7 +11,6 @@ is also built on the stand-in and compared.
 import sys
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
