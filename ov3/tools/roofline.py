@@ -314,6 +314,12 @@ def _read_bytes(comp: str, index: int, comps: dict[str, list[Instr]]) -> float:
     return total
 
 
+def _allocates_only(instr: Instr) -> bool:
+    """libtpu's `AllocateBuffer` custom call: an uninitialised buffer (a scan's stacked residuals,
+    filled in place by dynamic-update-slice, whose bytes are costed there). It moves nothing."""
+    return instr.opcode == "custom-call" and 'custom_call_target="AllocateBuffer"' in instr.attrs
+
+
 def component_of(op_name: str) -> tuple[str, bool]:
     """(outermost known scope in op_name, whether it is backward)."""
     backward = "transpose(" in op_name
@@ -348,7 +354,7 @@ def op_costs(text: str) -> list[OpCost]:
                 if branches:
                     walk(max(branches, key=lambda b: len(comps[b])), count, name)
                 continue
-            if i.opcode in FREE or i.opcode.endswith("-done"):
+            if i.opcode in FREE or i.opcode.endswith("-done") or _allocates_only(i):
                 continue
             component, backward = component_of(name)
             moved = collective_bytes(i, types)

@@ -249,6 +249,8 @@ def compile_step(cfg: Any, task: Any, devices: list, per_device_batch: int) -> t
     batch = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8, sharding=batched),
              "text": jax.ShapeDtypeStruct((batch_size, spec.text_len), jnp.int32, sharding=batched),
              "caption": jax.ShapeDtypeStruct((batch_size, spec.caption_len), jnp.int32, sharding=batched)}
+    if "caption_sentence" in cfg.loss.contrastive_texts:  # the second contrastive positive
+        batch["caption_sentence"] = batch["text"]
     t0 = time.perf_counter()
     compiled = trainer.compile(trainer.abstract_state, frozen, batch)
     return compiled, time.perf_counter() - t0, mesh
