@@ -188,8 +188,8 @@ def test_decoder_gradient_matches_torch():
 
 @pytest.mark.parametrize("silu", [False, True])
 def test_group_norm_matches_torch_float64(silu):
-    """ov3's one-pass GroupNorm (+ SiLU) and its custom backward against torch autograd in float64,
-    on activations centred at 0 and at 300 (|mean| >> std), where E[x^2] - E[x]^2 cancels."""
+    """ov3's GroupNorm (+ SiLU) and its gradients against torch autograd in float64, on
+    activations centred at 0 and at 300 (|mean| >> std), where a one-pass E[x^2] - E[x]^2 cancels."""
     rng = np.random.RandomState(8)
     scale, bias = rng.randn(16).astype(np.float32), rng.randn(16).astype(np.float32)
     for centre in (0.0, 300.0):
@@ -208,7 +208,7 @@ def test_group_norm_matches_torch_float64(silu):
               f"d/dx, d/dscale, d/dbias: {', '.join(f'{e:.1e}' for e in errors)}")
         assert max(errors) <= (1e-6 if centre == 0 else 3e-5), errors
 
-    # bf16 compute: output and input gradient stay bf16 (that is what the backward keeps).
+    # bf16 compute: output and input gradient stay bf16.
     xb = jnp.asarray(x, jnp.bfloat16)
     assert V.group_norm(xb, scale, bias, 4, silu).dtype == jnp.bfloat16
     assert jax.grad(lambda x: V.group_norm(x, scale, bias, 4, silu).astype(jnp.float32).sum())(xb).dtype == jnp.bfloat16
