@@ -56,6 +56,17 @@ def test_caption_masks_padding():
     nll = [-logp[b, t, ids[b, t + 1]] for b in range(3) for t in range(5) if ids[b, t + 1] != 0]
     got = losses.caption(jnp.asarray(logits), jnp.asarray(ids), pad_id=0)
     np.testing.assert_allclose(got, np.mean(nll), rtol=1e-5)
+    # gradient: (softmax - one-hot) / #targets at positions with a real next token, 0 elsewhere
+    want = np.zeros_like(logits)
+    for b in range(3):
+        for t in range(5):
+            if ids[b, t + 1] != 0:
+                want[b, t] = np.exp(logp[b, t]) - np.eye(11)[ids[b, t + 1]]
+    grad = jax.grad(losses.caption)(jnp.asarray(logits), jnp.asarray(ids), 0)
+    np.testing.assert_allclose(grad, want / len(nll), atol=1e-6)
+    # bf16 logits (the caption head's dtype): the same loss to bf16's rounding of the logits
+    bf16 = losses.caption(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(ids), pad_id=0)
+    np.testing.assert_allclose(bf16, np.mean(nll), rtol=1e-2)
 
 
 def test_l1_and_kl():
