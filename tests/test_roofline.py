@@ -146,3 +146,20 @@ def test_tiny_train_step_matches_the_analytic_count(tiny_vae):
     total = sum(o.count * o.flops for o in ops) / 4
     assert total == pytest.approx(sum(per_example.values()), rel=0.05)
     assert "optimizer" in {o.component for o in ops}
+
+
+def test_each_component_compiles_alone_with_the_analytic_flops(tiny_vae):
+    # summary --component: one part of the step on one device, FLOPs as in the whole step
+    from ov3 import flops
+    from ov3.tools import summary
+    from tests.helpers import tiny_config
+    cfg = tiny_config(tiny_vae.parent / "no-data", tiny_vae,
+                      **{"loss.contrastive_texts": ("alt_text", "caption_sentence")})
+    task = summary.abstract_task(cfg)
+    analytic = flops.task_costs(cfg, task)
+    for name in summary.COMPONENTS:
+        compiled, _ = summary.compile_component(cfg, task, name, jax.devices()[0], per_device_batch=2)
+        ops = roofline.op_costs(compiled.as_text())
+        got = sum(o.count * o.flops for o in ops) / 2
+        assert 0.9 <= got / analytic[name].train <= 1.05, (name, got / analytic[name].train)
+        assert name in {o.component for o in ops if o.flops}, name

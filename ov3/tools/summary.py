@@ -2,7 +2,7 @@
 
     python -m ov3.tools.summary --config configs/ov3_b.py[:arg] [--config.key=value ...]
         [--per_device_batch 32 [--mesh data=1,fsdp=256] [--topology v4:8x8x4]
-         [--hlo_out STEP.hlo | --hlo_in STEP.hlo]]
+         [--hlo_out STEP.hlo | --hlo_in STEP.hlo] [--component vae_decode]]
 
 1. Parameters per module (encoder, decoder, text, caption, VAE, LPIPS) from an abstract init.
 2. FLOPs of one example per component (`ov3.flops`, analytic), next to XLA's count
@@ -27,7 +27,12 @@
    topology): the step-time bound read off the compiled program (ov3.tools.roofline) per
    component, the implied img/s per device and MFU, the paper's efficiency beside it, and the
    wall time of the whole recipe on that slice. --hlo_out saves the program; --hlo_in reads
-   it back instead of compiling (minutes instead of the compile's tens of minutes).
+   it back instead of compiling (seconds instead of the compile's minutes).
+5. With --component NAME (and --per_device_batch, --topology): that part of the step alone,
+   compiled for one chip and bounded the same way, in 10 s to 2 min instead of the whole
+   step's 4-10 min: vae_encode (forward), vae_decode (forward + input gradient, as in
+   training), encoder / decoder / text (forward + backward) and caption (forward + backward
+   with the head and the loss). How each change to a component was measured (README).
 
 No weights, dataset or tokenizer are read: the VAE is FLUX.1's architecture (or the config.json
 at vae.path when that is a diffusers folder) and the vocabulary has VOCAB_SIZE entries (or the
@@ -256,6 +261,65 @@ def compile_step(cfg: Any, task: Any, devices: list, per_device_batch: int) -> t
     return compiled, time.perf_counter() - t0, mesh
 
 
+COMPONENTS = ("vae_encode", "vae_decode", "encoder", "decoder", "text", "caption")
+
+
+def compile_component(cfg: Any, task: Any, name: str, device: Any, per_device_batch: int) -> tuple[Any, float]:
+    """(compiled program, seconds to compile) of one component of the train step alone on one
+    device, in the config's dtypes and remat, at per_device_batch examples (see COMPONENTS)."""
+    import jax
+    import jax.numpy as jnp
+    from ov3 import losses
+    from ov3.errors import Ov3Error
+    from ov3.models import registry
+    from ov3.models.ov3 import OV3Model
+
+    if name not in COMPONENTS:
+        raise Ov3Error(f"--component {name!r}: one of {', '.join(COMPONENTS)}")
+    if name.startswith("vae") and task.pixels:
+        raise Ov3Error(f"--component {name}: this config has no VAE (model.input='pixels')")
+    single = jax.sharding.SingleDeviceSharding(device)
+    on_device = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=single), tree)
+    b, spec, vae = per_device_batch, task.spec, task.vae
+    grid = cfg.image_size // vae.config.downsample_factor
+    sds = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=single)  # noqa: E731
+    model = OV3Model(spec)
+    params = on_device(abstract_params(task))
+    enc, patch = registry.vit_size(spec.encoder)
+    tokens = sds((b, (grid // patch) ** 2, enc.width))
+
+    def tower(method: Any, *inputs: Any) -> Any:  # forward + backward of params and float inputs
+        def loss(p: Any, *a: Any) -> Any:
+            out = model.apply({"params": p}, *a, method=method)
+            out = out[0] if isinstance(out, tuple) else out
+            return jnp.sum(jnp.square(out.astype(jnp.float32)))
+        return jax.grad(loss, argnums=(0, 1) if inputs[0].dtype == jnp.float32 else 0), (params, *inputs)
+
+    if name == "vae_encode":
+        fn, args = vae.encode_fn, (on_device(vae.params), sds((b, cfg.image_size, cfg.image_size, 3)))
+    elif name == "vae_decode":
+        fn = jax.grad(lambda p, z: jnp.sum(jnp.square(vae.decode_fn(p, z))), argnums=1)
+        args = (on_device(vae.params), sds((b, grid, grid, spec.latent_channels)))
+    elif name == "encoder":
+        fn, args = tower(OV3Model.encode_image, sds((b, grid, grid, spec.latent_channels)))
+    elif name == "decoder":
+        fn, args = tower(OV3Model.decode_tokens, tokens)
+    elif name == "text":
+        fn, args = tower(OV3Model.encode_text, sds((b, len(cfg.loss.contrastive_texts), spec.text_len), jnp.int32))
+    else:
+        def caption_loss(p: Any, t: Any, ids: Any) -> Any:
+            return losses.caption(model.apply({"params": p}, t, ids, method=OV3Model.caption_logits), ids)
+        fn, args = jax.grad(caption_loss, argnums=(0, 1)), (params, tokens, sds((b, spec.caption_len), jnp.int32))
+
+    def scoped(*a: Any) -> Any:  # the scope names the roofline groups by (as in the train step)
+        with jax.named_scope(name):
+            return fn(*a)
+    t0 = time.perf_counter()
+    compiled = jax.jit(scoped).lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
 def memory_row(compiled: Any) -> dict[str, float]:
     """GiB per device; `total` = arguments + outputs - aliased (donated state) + temporaries."""
     m = compiled.memory_analysis()
@@ -293,8 +357,36 @@ def step_bound(cfg: Any, task: Any, hlo: str, kind: str, devices: int, per_devic
     return result
 
 
+def component_bound(cfg: Any, task: Any, name: str, topology: str | None, per_device_batch: int,
+                    hlo_out: str | None = None) -> dict[str, Any] | None:
+    """Compile one component alone (compile_component) and print its roofline table."""
+    import jax
+    from ov3 import flops, perf
+    from ov3.errors import Ov3Error
+    from ov3.tools import roofline
+    if not per_device_batch:
+        raise Ov3Error("--component needs --per_device_batch (examples on the one chip)")
+    device = (topology_devices(topology) if topology else jax.devices())[0]
+    compiled, seconds = compile_component(cfg, task, name, device, per_device_batch)
+    print(f"\n{name} alone compiled in {seconds:.1f}s for one {device.device_kind}, {per_device_batch} examples; "
+          f"GiB: temporaries {compiled.memory_analysis().temp_size_in_bytes / 2 ** 30:.2f}")
+    hlo = compiled.as_text()
+    if hlo_out:
+        pathlib.Path(hlo_out).write_text(hlo)
+    hw = perf.hardware(device.device_kind)
+    if hw is None:
+        print(f"no bound: no peak/bandwidth entry for {device.device_kind!r} in ov3/perf.py")
+        return None
+    result = roofline.bound(roofline.op_costs(hlo), hw.peak_flops, hw.hbm_bytes_per_s, hw.ici_bytes_per_s,
+                            per_device_batch)
+    roofline.print_table(result, device=device.device_kind, per_device_batch=per_device_batch,
+                         peak=hw.peak_flops, analytic_per_example=flops.task_costs(cfg, task)[name].train)
+    return {"compile_s": seconds, **result}
+
+
 def report(cfg: Any, xla_check: bool, per_device_batch: int | None, topology: str | None,
-           hlo_out: str | None = None, hlo_in: str | None = None) -> dict[str, Any]:
+           hlo_out: str | None = None, hlo_in: str | None = None, component: str | None = None
+           ) -> dict[str, Any]:
     import jax
     from ov3 import recipes
     from ov3.config import validate
@@ -318,6 +410,9 @@ def report(cfg: Any, xla_check: bool, per_device_batch: int | None, topology: st
         factor = f"{r['train_factor']:3g}" if r["train_factor"] else "   "
         print(f"  {r['component']:12s} {_g(r['forward'])} {factor} {_g(r['train'])} {_g(r['xla_forward'])} {ratio}")
 
+    if component:
+        out["component"] = component_bound(cfg, task, component, topology, per_device_batch, hlo_out)
+        return out
     if per_device_batch:
         devices = topology_devices(topology) if topology else jax.devices()
         kind = devices[0].device_kind
@@ -362,6 +457,8 @@ def main() -> None:
     flags.DEFINE_integer("per_device_batch", None, "compile the train step for this many examples per device")
     flags.DEFINE_string("topology", None, "compile for a TPU slice, e.g. v4:8x8x4 (needs libtpu)")
     flags.DEFINE_bool("xla_check", True, "also count FLOPs with XLA's cost_analysis")
+    flags.DEFINE_enum("component", None, list(COMPONENTS), "compile and bound only this part of the step, "
+                      "on one chip of --topology (needs --per_device_batch)")
     flags.DEFINE_string("hlo_out", None, "write the compiled step's optimized HLO text to this file")
     flags.DEFINE_string("hlo_in", None, "read the step's optimized HLO from this file (--hlo_out) instead "
                         "of compiling it; give the same --topology and --per_device_batch")
@@ -374,7 +471,7 @@ def main() -> None:
         try:
             if f.mesh:
                 cfg.mesh.update(parse_mesh(f.mesh))
-            report(cfg, f.xla_check, f.per_device_batch, f.topology, f.hlo_out, f.hlo_in)
+            report(cfg, f.xla_check, f.per_device_batch, f.topology, f.hlo_out, f.hlo_in, f.component)
         except Ov3Error as e:
             print(f"ov3: error: {e}", file=sys.stderr)
             sys.exit(2)
