@@ -30,8 +30,8 @@
    it back instead of compiling (seconds instead of the compile's minutes).
 5. With --component NAME (and --per_device_batch, --topology): that part of the step alone,
    compiled for one chip and bounded the same way, in 10 s to 2 min instead of the whole
-   step's 4-10 min: vae_encode (forward), vae_decode (forward + input gradient, as in
-   training), encoder / decoder / text (forward + backward) and caption (forward + backward
+   step's 4-10 min: vae_encode (forward), vae_decode and lpips (forward + input gradient, as
+   in training), encoder / decoder / text (forward + backward) and caption (forward + backward
    with the head and the loss). How each change to a component was measured (README).
 
 No weights, dataset or tokenizer are read: the VAE is FLUX.1's architecture (or the config.json
@@ -261,7 +261,7 @@ def compile_step(cfg: Any, task: Any, devices: list, per_device_batch: int) -> t
     return compiled, time.perf_counter() - t0, mesh
 
 
-COMPONENTS = ("vae_encode", "vae_decode", "encoder", "decoder", "text", "caption")
+COMPONENTS = ("vae_encode", "vae_decode", "lpips", "encoder", "decoder", "text", "caption")
 
 
 def compile_component(cfg: Any, task: Any, name: str, device: Any, per_device_batch: int) -> tuple[Any, float]:
@@ -301,6 +301,13 @@ def compile_component(cfg: Any, task: Any, name: str, device: Any, per_device_ba
     elif name == "vae_decode":
         fn = jax.grad(lambda p, z: jnp.sum(jnp.square(vae.decode_fn(p, z))), argnums=1)
         args = (on_device(vae.params), sds((b, grid, grid, spec.latent_channels)))
+    elif name == "lpips":  # forward + gradient w.r.t. the reconstruction, as in training
+        if task.lpips is None:
+            raise Ov3Error("--component lpips: this config has loss.lpips = 0 (no LPIPS in its step)")
+        apply, lpips_params = task.lpips
+        image = sds((b, cfg.image_size, cfg.image_size, 3))
+        fn = jax.grad(lambda p, x, y: jnp.sum(apply(p, x, y)), argnums=2)
+        args = (on_device(lpips_params), image, image)
     elif name == "encoder":
         fn, args = tower(OV3Model.encode_image, sds((b, grid, grid, spec.latent_channels)))
     elif name == "decoder":
