@@ -153,9 +153,9 @@ def test_each_component_compiles_alone_with_the_analytic_flops(tiny_vae):
     from ov3 import flops
     from ov3.tools import summary
     from tests.helpers import tiny_config
-    cfg = tiny_config(tiny_vae.parent / "no-data", tiny_vae,
-                      **{"loss.contrastive_texts": ("alt_text", "caption_sentence")})
-    task = summary.abstract_task(cfg)
+    cfg = tiny_config(tiny_vae.parent / "no-data", tiny_vae, **{
+        "loss.contrastive_texts": ("alt_text", "caption_sentence"), "loss.lpips": 0.5})
+    task = summary.abstract_task(cfg)  # abstract LPIPS weights: nothing is read
     analytic = flops.task_costs(cfg, task)
     for name in summary.COMPONENTS:
         compiled, _ = summary.compile_component(cfg, task, name, jax.devices()[0], per_device_batch=2)
