@@ -117,12 +117,13 @@ def ov3_config(arg: str | None, *, encoder: str) -> ml_collections.ConfigDict:
     # ov3.tools.roofline) it is faster than keeping every activation, not only smaller: ViT-B
     # 6.47 -> 5.24 ms, the B caption decoder 10.68 -> 7.41, the B text tower 3.14 -> 2.20
     # (the recomputed LayerNorms, GELUs and softmaxes fuse into the matmuls around them;
-    # keeping them wrote and re-read fp32 intermediates). The VAE decoder's up-blocks are
-    # rematerialised above 128 px, where its activations would not fit otherwise.
+    # keeping them wrote and re-read fp32 intermediates). The frozen VAE decoder is not
+    # rematerialised, at 256 px either: OV3-B fine-tuning (16/chip on 256 v4 chips) needs
+    # 12.0 GiB per chip without it (8.9 with it) and bounds at 154.8 ms per step against
+    # 179.9 (remat recomputes the decoder's forward: +50% of its FLOPs).
     c.model.update(encoder=enc, decoder=a.get("decoder", "B/1"), text=text, dtype="bfloat16",
                    remat="dots", posemb="sincos")
-    c.vae.update(path=VAE_PLACEHOLDER, dtype="bfloat16", latent_norm="scale",
-                 remat_decoder=c.image_size > 128)
+    c.vae.update(path=VAE_PLACEHOLDER, dtype="bfloat16", latent_norm="scale", remat_decoder=False)
     c.optim.base_lr = stage.base_lr
     c.loss.lpips = stage.lpips
     if stage.lpips > 0:

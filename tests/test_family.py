@@ -41,7 +41,7 @@ def test_table1_schedules_in_steps():
         config_lib.validate(c)
     assert (pre.loss.lpips, fine.loss.lpips) == (0.0, 0.5)
     assert (pre.model.remat, pre.vae.remat_decoder, fine.model.remat, fine.vae.remat_decoder) == (
-        "dots", False, "dots", True)
+        "dots", False, "dots", False)
     # the schedule the optimizer sees: peak lr at the end of warmup, zero at the end
     schedule = train.learning_rate(pre)
     assert float(schedule(pre.optim.warmup_steps)) == pytest.approx(2.56e-4, rel=1e-4)
