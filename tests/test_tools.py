@@ -161,3 +161,12 @@ def test_plot_overlays_runs_one_panel_per_term(tmp_path):
     assert Image.open(out).size == (4 * 4 * 110, 3 * 110)
     with pytest.raises(SystemExit):
         plot.main(["--workdir", str(tmp_path / "nope"), "--out", str(out)])
+
+
+def test_program_text_is_none_where_jax_cannot_read_the_program_back():
+    # jax 0.10.2 cannot parse libtpu's v5p program ("async-update instruction should have 1
+    # operands but sees 3"): summary then reports the memory and says why there is no bound.
+    class Compiled:
+        def as_text(self):
+            raise jax.errors.JaxRuntimeError("INTERNAL: RET_CHECK failure: async-update instruction")
+    assert summary.program_text(Compiled()) is None
