@@ -68,14 +68,17 @@ def _inverse_norm(f: Array, eps: float = 1e-10) -> Array:
 
 class _Lin(nn.Module):
     """lpips' 1x1 "lin" head to one channel (no bias), then the spatial mean, of the squared
-    difference of the channel-normalised features fx, fy (fp32 arithmetic on features kept in
-    the trunk's dtype). Written as per-pixel sums over channels rather than normalised fp32
-    copies of the feature maps and a 1x1 conv: XLA fuses it into a few reads of fx and fy; the
-    copies were most of LPIPS' time in the TPU-compiled fine-tuning step."""
+    difference of the channel-normalised features of x (first half of the batch) and y (fp32
+    arithmetic on features kept in the trunk's dtype). Written as per-pixel sums over channels
+    rather than normalised fp32 copies of the feature maps and a 1x1 conv: XLA fuses it into a
+    few reads of the features; the copies were most of LPIPS' time in the TPU-compiled
+    fine-tuning step. (Equal images give 0 to float rounding, ~1e-17, not exactly.)"""
 
     @nn.compact
-    def __call__(self, fx: Array, fy: Array) -> Array:
-        w = self.param("kernel", nn.initializers.lecun_normal(), (fx.shape[-1], 1))[:, 0]
+    def __call__(self, f: Array) -> Array:
+        n = f.shape[0] // 2
+        fx, fy = f[:n], f[n:]
+        w = self.param("kernel", nn.initializers.lecun_normal(), (f.shape[-1], 1))[:, 0]
         diff = fx.astype(jnp.float32) * _inverse_norm(fx) - fy.astype(jnp.float32) * _inverse_norm(fy)
         return jnp.mean(jnp.sum(diff * diff * w, axis=-1), axis=(1, 2))
 
@@ -87,7 +90,6 @@ class LPIPS(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, y: Array) -> Array:
-        n = x.shape[0]
         h = jnp.concatenate([x, y]).astype(jnp.float32)  # one trunk pass for both images
         h = ((h - jnp.array(_SHIFT)) / jnp.array(_SCALE)).astype(self.dtype)
         convs = dict(_conv_indices())
@@ -102,7 +104,7 @@ class LPIPS(nn.Module):
                 h = nn.max_pool(h, (2, 2), strides=(2, 2))
             if i in _TAPS:
                 feats.append(h)
-        return sum(_Lin(name=f"lin{k}")(f[:n], f[n:]) for k, f in enumerate(feats))
+        return sum(_Lin(name=f"lin{k}")(f) for k, f in enumerate(feats))
 
 
 def lpips_fn(params: PyTree, x: Array, y: Array, dtype: Any = jnp.float32) -> Array:
