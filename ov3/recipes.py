@@ -113,11 +113,12 @@ def ov3_config(arg: str | None, *, encoder: str) -> ml_collections.ConfigDict:
 
     # bf16 compute for the towers and the frozen VAE, params and optimizer state in fp32 (the
     # first moment in bf16, as OpenVision). Towers remat "dots" (keep matmul outputs, recompute
-    # the rest) at every size: compiled for a TPU v4 chip (12 blocks, 32 examples, fwd + bwd,
-    # ov3.tools.roofline) it is faster than keeping every activation, not only smaller: ViT-B
-    # 6.47 -> 5.24 ms, the B caption decoder 10.68 -> 7.41, the B text tower 3.14 -> 2.20
-    # (the recomputed LayerNorms, GELUs and softmaxes fuse into the matmuls around them;
-    # keeping them wrote and re-read fp32 intermediates). The frozen VAE decoder is not
+    # the rest) at every size: compiled for a TPU v4 chip (32 examples, fwd + bwd, `summary
+    # --component`) it is faster than keeping every activation, not only smaller: the B/2
+    # encoder 5.93 -> 4.53 ms, the B/1 decoder 5.86 -> 4.34, the B text tower (two texts)
+    # 7.34 -> 5.48, the B caption decoder 12.56 -> 8.83 (the recomputed LayerNorms, GELUs and
+    # softmaxes fuse into the matmuls around them; keeping them wrote and re-read fp32
+    # intermediates). The frozen VAE decoder is not
     # rematerialised, at 256 px either: OV3-B fine-tuning (16/chip on 256 v4 chips) needs
     # 12.0 GiB per chip without it (8.9 with it) and bounds at 154.8 ms per step against
     # 179.9 (remat recomputes the decoder's forward: +50% of its FLOPs).
